@@ -1,0 +1,384 @@
+//! ctnetlink sockets: the event socket (multicast NEW and DESTROY, batched receive, overrun
+//! accounting) and the request socket (table dumps and kernel statistics). Decoding lives in
+//! `decode`; what to do with entries lives in the reader.
+//!
+//! Requests are built with netlink-packet-netfilter; replies are walked by `decode`.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::conntrack::ConntrackMessage;
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use super::decode::{
+    self, add_cpu_stats, decode_conn, decode_global_stats, nlmsg_error_code, Conn, NlMsgIter,
+    IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_GET_STATS, IPCTNL_MSG_CT_GET_STATS_CPU, NLMSG_DONE,
+    NLMSG_ERROR,
+};
+use ctwatch_proto::KernelCounters;
+
+/// NFNLGRP_CONNTRACK_NEW (1) and NFNLGRP_CONNTRACK_DESTROY (3), as a bind-time bitmask.
+const GROUPS_NEW_DESTROY: u32 = (1 << 0) | (1 << 2);
+
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
+const SK_MEMINFO_DROPS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a NETLINK_NETFILTER socket")]
+    Open(#[source] io::Error),
+    #[error(
+        "permission denied by ctnetlink: ctwatchd needs CAP_NET_ADMIN (run as root, or grant \
+         AmbientCapabilities=CAP_NET_ADMIN)"
+    )]
+    PermissionDenied,
+    #[error("cannot subscribe to conntrack events (is the nf_conntrack_netlink module loaded?)")]
+    Subscribe(#[source] io::Error),
+    #[error("netlink {what} failed")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("kernel answered {what} with error {errno}: {}", io::Error::from_raw_os_error(*.errno))]
+    Kernel { what: &'static str, errno: i32 },
+    #[error("malformed reply to {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: decode::DecodeError,
+    },
+}
+
+fn is_eperm(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are live and sized for the option.
+    let rc = unsafe {
+        libc::getsockopt(fd, level, name, &mut value as *mut _ as *mut libc::c_void, &mut len)
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+/// Sets the receive buffer with SO_RCVBUFFORCE (not capped by rmem_max), falling back to
+/// SO_RCVBUF. Returns the size the kernel reports (it doubles the request for bookkeeping).
+pub fn set_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<usize> {
+    let want = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want).is_err() {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, want)?;
+    }
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)? as usize)
+}
+
+/// Packets the kernel dropped for this socket (sk_drops, the `Drops` column of
+/// /proc/net/netlink).
+pub fn socket_drops(fd: RawFd) -> io::Result<u64> {
+    let mut info = [0u32; SK_MEMINFO_VARS];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: info and len are live and sized for SO_MEMINFO.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr() as *mut libc::c_void, &mut len)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[SK_MEMINFO_DROPS] as u64)
+}
+
+/// Outcome of one batched receive on the event socket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recv {
+    /// This many datagrams are in the batch buffers.
+    Batch(usize),
+    /// Nothing queued.
+    Empty,
+    /// The kernel dropped events for this socket (ENOBUFS).
+    Overrun,
+}
+
+/// Size of one receive slot. An event is a few hundred bytes; a datagram larger than this is
+/// truncated and counted as a decode error.
+const SLOT_LEN: usize = 8192;
+/// Datagrams taken per recvmmsg call.
+pub const BATCH: usize = 64;
+
+/// The multicast event socket.
+pub struct EventSocket {
+    sock: Socket,
+    /// One contiguous buffer cut into BATCH slots of SLOT_LEN, reused for every receive.
+    buf: Box<[u8]>,
+    lens: [usize; BATCH],
+    truncated: [bool; BATCH],
+}
+
+impl EventSocket {
+    /// Opens, sizes and subscribes the event socket. Subscription happens here, so anything
+    /// created after this call emits an event we will read.
+    pub fn open(rcvbuf: usize) -> Result<(Self, usize), NetlinkError> {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
+        let got = set_rcvbuf(sock.as_raw_fd(), rcvbuf).map_err(|source| NetlinkError::Io {
+            what: "setting the receive buffer",
+            source,
+        })?;
+        sock.bind(&SocketAddr::new(0, GROUPS_NEW_DESTROY)).map_err(|e| {
+            if is_eperm(&e) {
+                NetlinkError::PermissionDenied
+            } else {
+                NetlinkError::Subscribe(e)
+            }
+        })?;
+        sock.set_non_blocking(true).map_err(|source| NetlinkError::Io {
+            what: "setting non-blocking mode",
+            source,
+        })?;
+        Ok((
+            EventSocket {
+                sock,
+                buf: vec![0u8; SLOT_LEN * BATCH].into_boxed_slice(),
+                lens: [0; BATCH],
+                truncated: [false; BATCH],
+            },
+            got,
+        ))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    pub fn set_rcvbuf(&self, bytes: usize) -> io::Result<usize> {
+        set_rcvbuf(self.fd(), bytes)
+    }
+
+    pub fn drops(&self) -> io::Result<u64> {
+        socket_drops(self.fd())
+    }
+
+    /// Receives up to BATCH datagrams without blocking, with one recvmmsg call.
+    pub fn recv_batch(&mut self) -> io::Result<Recv> {
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let base = self.buf.as_mut_ptr();
+        for i in 0..BATCH {
+            // SAFETY: each slot lies inside self.buf.
+            iov[i].iov_base = unsafe { base.add(i * SLOT_LEN) } as *mut libc::c_void;
+            iov[i].iov_len = SLOT_LEN;
+            hdrs[i].msg_hdr.msg_iov = &mut iov[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: hdrs and iov point into live buffers for the duration of the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.fd(),
+                hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(Recv::Empty),
+                Some(libc::ENOBUFS) => Ok(Recv::Overrun),
+                Some(libc::EINTR) => Ok(Recv::Empty),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        for i in 0..n {
+            self.lens[i] = (hdrs[i].msg_len as usize).min(SLOT_LEN);
+            self.truncated[i] = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        }
+        Ok(if n == 0 { Recv::Empty } else { Recv::Batch(n) })
+    }
+
+    /// Datagram `i` of the last batch, or `None` if it was truncated.
+    pub fn datagram(&self, i: usize) -> Option<&[u8]> {
+        if self.truncated[i] {
+            return None;
+        }
+        Some(&self.buf[i * SLOT_LEN..i * SLOT_LEN + self.lens[i]])
+    }
+}
+
+/// Table figures from IPCTNL_MSG_CT_GET_STATS and IPCTNL_MSG_CT_GET_STATS_CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub entries: u64,
+    pub max: u64,
+    pub counters: KernelCounters,
+}
+
+/// A socket for request/reply exchanges: dumps and statistics. Kept apart from the event
+/// socket, whose multicast traffic would otherwise interleave with the replies.
+pub struct RequestSocket {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Receive buffer for dump replies; the kernel packs up to 32 KiB of entries per datagram.
+const DUMP_RECV_LEN: usize = 256 * 1024;
+
+impl RequestSocket {
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
+        sock.bind_auto().map_err(|source| NetlinkError::Io {
+            what: "bind",
+            source,
+        })?;
+        // Large dumps arrive faster than we parse them only briefly; 4 MiB keeps the kernel
+        // from waiting on us between datagrams.
+        let _ = set_rcvbuf(sock.as_raw_fd(), 4 << 20);
+        Ok(RequestSocket {
+            sock,
+            seq: 0,
+            buf: vec![0u8; DUMP_RECV_LEN],
+        })
+    }
+
+    fn send(&mut self, message_type: u8, flags: u16, what: &'static str) -> Result<u32, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let inner = if message_type == IPCTNL_MSG_CT_GET {
+            ConntrackMessage::Get(vec![])
+        } else {
+            ConntrackMessage::Other {
+                message_type,
+                attributes: vec![],
+            }
+        };
+        let nf = NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
+            inner,
+        );
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(nf));
+        msg.finalize();
+        let mut out = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut out);
+        self.sock
+            .send(&out, 0)
+            .map_err(|source| NetlinkError::Io { what, source })?;
+        Ok(self.seq)
+    }
+
+    /// Receives reply datagrams for `seq` and hands each message to `f` until it returns
+    /// `false` or the kernel sends NLMSG_DONE. A kernel error becomes `NetlinkError::Kernel`.
+    fn recv_until_done(
+        &mut self,
+        seq: u32,
+        what: &'static str,
+        mut f: impl FnMut(&decode::NlMsg<'_>) -> Result<bool, NetlinkError>,
+    ) -> Result<(), NetlinkError> {
+        loop {
+            let n = loop {
+                match self.sock.recv(&mut &mut self.buf[..], 0) {
+                    Ok(n) => break n,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if is_eperm(&e) => return Err(NetlinkError::PermissionDenied),
+                    Err(source) => return Err(NetlinkError::Io { what, source }),
+                }
+            };
+            for m in NlMsgIter::new(&self.buf[..n]) {
+                let m = m.map_err(|source| NetlinkError::Decode { what, source })?;
+                if m.seq != seq {
+                    continue; // a late reply to an earlier, abandoned request
+                }
+                match m.ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = nlmsg_error_code(m.payload).unwrap_or(-libc::EIO);
+                        if code == 0 {
+                            return Ok(()); // ACK
+                        }
+                        if code == -libc::EPERM {
+                            return Err(NetlinkError::PermissionDenied);
+                        }
+                        return Err(NetlinkError::Kernel { what, errno: -code });
+                    }
+                    _ => {
+                        if !f(&m)? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dumps the whole conntrack table (IPv4 and IPv6), calling `f` for each entry. Returns
+    /// the number of entries and the number that failed to decode.
+    pub fn dump(&mut self, mut f: impl FnMut(&Conn)) -> Result<(u64, u64), NetlinkError> {
+        let what = "conntrack dump";
+        let seq = self.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, what)?;
+        let (mut n, mut bad) = (0u64, 0u64);
+        self.recv_until_done(seq, what, |m| {
+            match decode_conn(m) {
+                Ok(Some(c)) => {
+                    n += 1;
+                    f(&c);
+                }
+                Ok(None) => {}
+                Err(_) => bad += 1,
+            }
+            Ok(true)
+        })?;
+        Ok((n, bad))
+    }
+
+    /// Fetches the table's entry count and max, and the per-CPU counters summed.
+    pub fn stats(&mut self) -> Result<KernelStats, NetlinkError> {
+        let mut out = KernelStats::default();
+        let what = "IPCTNL_MSG_CT_GET_STATS";
+        // The reply is flagged MULTI but no DONE follows: ask for an ACK to end it.
+        let seq = self.send(IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST | NLM_F_ACK, what)?;
+        self.recv_until_done(seq, what, |m| {
+            let (entries, max) =
+                decode_global_stats(m).map_err(|source| NetlinkError::Decode { what, source })?;
+            out.entries = entries;
+            out.max = max;
+            Ok(true)
+        })?;
+        let what = "IPCTNL_MSG_CT_GET_STATS_CPU";
+        let seq = self.send(IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_REQUEST | NLM_F_DUMP, what)?;
+        self.recv_until_done(seq, what, |m| {
+            add_cpu_stats(m, &mut out.counters).map_err(|source| NetlinkError::Decode { what, source })?;
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+}
