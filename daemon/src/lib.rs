@@ -1,1 +1,2 @@
 pub mod conntrack;
+pub mod stats;

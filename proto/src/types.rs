@@ -140,6 +140,9 @@ pub struct TopEntry {
     pub backend: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_port: Option<u16>,
+    /// Conntrack zone, when not 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<u16>,
     pub live: u64,
     pub share_pct: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,233 @@
+use super::*;
+use crate::conntrack::decode::{status, ConnKind, AF_INET, AF_INET6};
+
+fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0; 16];
+    o[..4].copy_from_slice(&a);
+    o
+}
+
+fn conn(id: u32, proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Conn {
+    let orig = Tuple {
+        src: v4(src),
+        dst: v4(dst),
+        proto,
+        sport,
+        dport,
+        ..Default::default()
+    };
+    let reply = Tuple {
+        src: orig.dst,
+        dst: orig.src,
+        sport: dport,
+        dport: sport,
+        ..orig
+    };
+    Conn {
+        kind: ConnKind::New,
+        family: AF_INET,
+        orig,
+        reply: Some(reply),
+        status: status::CONFIRMED,
+        id,
+        zone: 0,
+        mark: None,
+        timeout: None,
+        use_count: None,
+        tcp_state: None,
+        counters_orig: None,
+        counters_reply: None,
+        ts_start: None,
+        ts_stop: None,
+    }
+}
+
+fn top(t: &Tracker, by: Dimension) -> Vec<(String, u64)> {
+    let r = t.top(
+        &TopParams {
+            by,
+            limit: 100,
+            ..Default::default()
+        },
+        t.live(),
+    );
+    r.entries
+        .iter()
+        .map(|e| {
+            let label = if e.other == Some(true) {
+                "(other)".to_string()
+            } else {
+                format!(
+                    "{}:{}:{}:{}",
+                    e.proto.clone().unwrap_or_default(),
+                    e.src.clone().unwrap_or_default(),
+                    e.dst.clone().or(e.backend.clone()).unwrap_or_default(),
+                    e.dport.or(e.backend_port).unwrap_or(0)
+                )
+            };
+            (label, e.live)
+        })
+        .collect()
+}
+
+#[test]
+fn new_is_idempotent_and_destroy_uncounts_once() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    let c = conn(7, 17, [10, 0, 0, 1], 1000, [10, 0, 0, 53], 53);
+    t.on_new(&c, 0);
+    t.on_new(&c, 0);
+    assert_eq!(t.live(), 1);
+    t.on_destroy(&c);
+    t.on_destroy(&c);
+    assert_eq!(t.live(), 0);
+    assert_eq!(t.counters.destroy_unknown, 1);
+    assert_eq!(t.key_counts(), (0, 0, 0, 0), "all slots freed");
+}
+
+#[test]
+fn same_id_different_tuple_are_two_entries() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    t.on_new(&conn(7, 6, [10, 0, 0, 1], 1000, [10, 0, 0, 2], 80), 0);
+    t.on_new(&conn(7, 6, [10, 0, 0, 1], 1001, [10, 0, 0, 2], 80), 0);
+    assert_eq!(t.live(), 2);
+}
+
+#[test]
+fn ranks_services_clients_flows() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut id = 0;
+    for (n, dport) in [(5, 53u16), (3, 80), (1, 443)] {
+        for i in 0..n {
+            id += 1;
+            t.on_new(&conn(id, 6, [10, 0, 0, 1 + (i % 2) as u8], 2000 + id as u16, [10, 0, 0, 9], dport), 0);
+        }
+    }
+    assert_eq!(
+        top(&t, Dimension::Service),
+        vec![
+            ("tcp::10.0.0.9:53".into(), 5),
+            ("tcp::10.0.0.9:80".into(), 3),
+            ("tcp::10.0.0.9:443".into(), 1)
+        ]
+    );
+    assert_eq!(
+        top(&t, Dimension::Client),
+        vec![(":10.0.0.1::0".into(), 6), (":10.0.0.2::0".into(), 3)]
+    );
+    let flows = top(&t, Dimension::Flow);
+    assert_eq!(flows[0], ("tcp:10.0.0.1:10.0.0.9:53".into(), 3));
+    assert_eq!(flows.iter().map(|f| f.1).sum::<u64>(), 9);
+    let r = t.top(
+        &TopParams {
+            by: Dimension::Client,
+            limit: 10,
+            proto: Some(6),
+            port: Some(80),
+        },
+        9,
+    );
+    let got: Vec<(Option<String>, u64)> = r.entries.iter().map(|e| (e.src.clone(), e.live)).collect();
+    assert_eq!(got, vec![(Some("10.0.0.1".into()), 2), (Some("10.0.0.2".into()), 1)]);
+    assert!((r.entries[0].share_pct - 22.22).abs() < 0.01);
+}
+
+#[test]
+fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    let a = conn(1, 17, [10, 0, 0, 1], 1, [10, 0, 0, 53], 53);
+    let b = conn(2, 17, [10, 0, 0, 1], 2, [10, 0, 0, 53], 53);
+    let c = conn(3, 17, [10, 0, 0, 1], 3, [10, 0, 0, 53], 53);
+    // Startup dump: a and b exist, created before we listened.
+    t.begin_dump();
+    t.on_dump_entry(&a, 0);
+    t.on_dump_entry(&b, 0);
+    assert_eq!(t.end_dump(), 0);
+    assert_eq!((t.live(), t.orphans()), (2, 2));
+    // c arrives by event; a's NEW raced the dump: it is confirmed, not counted twice.
+    t.on_new(&c, 1);
+    t.on_new(&a, 1);
+    assert_eq!((t.live(), t.orphans()), (3, 1));
+    // b expires silently (no DESTROY under nf_conntrack_events=2); the reconcile dump sees a, c.
+    t.begin_dump();
+    t.on_dump_entry(&a, 2);
+    t.on_dump_entry(&c, 2);
+    assert_eq!(t.end_dump(), 1);
+    assert_eq!((t.live(), t.orphans()), (2, 0));
+    assert_eq!(top(&t, Dimension::Service), vec![("udp::10.0.0.53:53".into(), 2)]);
+    // A flush with every DESTROY lost: an empty dump empties the picture.
+    t.begin_dump();
+    assert_eq!(t.end_dump(), 2);
+    assert_eq!(t.live(), 0);
+    assert_eq!(t.key_counts(), (0, 0, 0, 0));
+}
+
+#[test]
+fn dnat_entries_count_per_backend() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    for (id, backend) in [(1u32, 11u8), (2, 11), (3, 12)] {
+        let mut c = conn(id, 6, [10, 0, 0, 1], 1000 + id as u16, [10, 96, 0, 10], 443);
+        c.status |= status::DST_NAT;
+        let r = c.reply.as_mut().unwrap();
+        r.src = v4([10, 244, 0, backend]);
+        r.sport = 8443;
+        t.on_new(&c, 0);
+    }
+    t.on_new(&conn(9, 6, [10, 0, 0, 1], 999, [10, 0, 0, 2], 22), 0);
+    assert_eq!(
+        top(&t, Dimension::Backend),
+        vec![("tcp::10.244.0.11:8443".into(), 2), ("tcp::10.244.0.12:8443".into(), 1)]
+    );
+}
+
+#[test]
+fn caps_fold_into_other_and_totals_stay_exact() {
+    let caps = Caps {
+        services: 4,
+        clients: 3,
+        flows: 5,
+        backends: 2,
+    };
+    let mut t = Tracker::new(caps);
+    let mut all = Vec::new();
+    let mut id = 0;
+    // A port scan: 50 clients × 10 ports.
+    for client in 0..50u8 {
+        for port in 0..10u16 {
+            id += 1;
+            let c = conn(id, 6, [10, 1, 0, client], 40000, [10, 0, 0, 1], 1 + port);
+            t.on_new(&c, 0);
+            all.push(c);
+        }
+    }
+    assert_eq!(t.live(), 500);
+    for by in Dimension::ALL.into_iter().take(3) {
+        let rows = top(&t, by);
+        assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), 500, "{by}");
+        assert_eq!(rows.last().unwrap().0, "(other)", "{by}");
+    }
+    let (s, c, f, _) = t.key_counts();
+    assert!(s <= 4 && c <= 3 && f <= 5 + 4, "{s} {c} {f}");
+    for c in &all {
+        t.on_destroy(c);
+    }
+    assert_eq!(t.live(), 0);
+    assert_eq!(t.key_counts(), (0, 0, 0, 0));
+    for by in Dimension::ALL {
+        assert!(top(&t, by).is_empty(), "{by}");
+    }
+}
+
+#[test]
+fn ipv6_and_icmp_keys() {
+    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut c = conn(1, 58, [0; 4], 0, [0; 4], 0);
+    c.family = AF_INET6;
+    c.orig.src[15] = 1;
+    c.orig.dst[15] = 1;
+    c.orig.icmp_type = 128;
+    t.on_new(&c, 0);
+    let r = t.top(&TopParams { by: Dimension::Service, limit: 5, ..Default::default() }, 1);
+    let e = &r.entries[0];
+    assert_eq!((e.proto.as_deref(), e.dst.as_deref(), e.dport), (Some("icmpv6"), Some("::1"), Some(0)));
+    assert_eq!(e.family.as_deref(), Some("ipv6"));
+}
