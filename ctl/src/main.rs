@@ -1,1 +1,111 @@
-fn main(){}
+//! ctctl: the command-line client of ctwatchd.
+
+mod cli;
+mod client;
+mod render;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ctwatch_proto::{StatusReply, TopReply};
+use serde_json::{json, Map, Value};
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A reader that went away (`ctctl top | head`) is not a failure.
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            eprintln!("ctctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn params(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => Map::new(),
+    }
+}
+
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn emit_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    emit(&s)
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let mut client = client::Client::connect(&cli.socket)?;
+    match &cli.command {
+        Command::Status => {
+            let v = client.call("io.ctwatch.Status", Map::new())?;
+            let s: StatusReply =
+                serde_json::from_value(v["status"].clone()).context("unexpected Status reply")?;
+            if cli.json {
+                emit_json(&s)
+            } else {
+                emit(&render::status(&s))
+            }
+        }
+        Command::Top(a) => {
+            let p = params(json!({
+                "by": a.by.as_str(),
+                "limit": a.limit,
+                "proto": a.proto,
+                "port": a.port,
+            }));
+            let v = client.call("io.ctwatch.Top", p)?;
+            let r: TopReply =
+                serde_json::from_value(v["top"].clone()).context("unexpected Top reply")?;
+            if cli.json {
+                emit_json(&r.entries)
+            } else {
+                emit(&render::top(&r, a.by))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn top_flags_parse() {
+        let c = Cli::try_parse_from([
+            "ctctl", "--socket", "/tmp/s", "top", "--by", "client", "--proto", "UDP", "--port",
+            "53", "--json",
+        ])
+        .unwrap();
+        assert!(c.json);
+        let Command::Top(t) = c.command else { panic!() };
+        assert_eq!(t.by, ctwatch_proto::Dimension::Client);
+        assert_eq!(t.proto.as_deref(), Some("udp"));
+        assert!(Cli::try_parse_from(["ctctl", "top", "--by", "pod"]).is_err());
+        assert!(Cli::try_parse_from(["ctctl", "top", "--limit", "0"]).is_err());
+        assert!(Cli::try_parse_from(["ctctl", "top", "--proto", "tcpp"]).is_err());
+    }
+}

@@ -5,7 +5,10 @@ use ctwatchd::conntrack::decode::{decode_conn, NlMsgIter};
 use ctwatchd::conntrack::{EventSocket, Recv, RequestSocket};
 
 fn main() -> anyhow::Result<()> {
-    let want: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let want: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let (mut ev, rcvbuf) = EventSocket::open(1 << 20)?;
     let mut req = RequestSocket::open()?;
     eprintln!("rcvbuf {rcvbuf}; stats {:?}", req.stats()?);

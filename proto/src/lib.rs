@@ -4,8 +4,8 @@
 //! Compatibility rule: fields are only ever added, each optional or defaulted, and a name is
 //! never reused. Clients ignore fields they do not know.
 
-mod varlink;
 mod types;
+mod varlink;
 
 pub use types::*;
 pub use varlink::*;

@@ -59,7 +59,12 @@ fn is_eperm(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
@@ -82,7 +87,13 @@ fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Resul
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: value and len are live and sized for the option.
     let rc = unsafe {
-        libc::getsockopt(fd, level, name, &mut value as *mut _ as *mut libc::c_void, &mut len)
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            &mut value as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
     };
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -108,7 +119,13 @@ pub fn socket_drops(fd: RawFd) -> io::Result<u64> {
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: info and len are live and sized for SO_MEMINFO.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr() as *mut libc::c_void, &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -151,17 +168,19 @@ impl EventSocket {
             what: "setting the receive buffer",
             source,
         })?;
-        sock.bind(&SocketAddr::new(0, GROUPS_NEW_DESTROY)).map_err(|e| {
-            if is_eperm(&e) {
-                NetlinkError::PermissionDenied
-            } else {
-                NetlinkError::Subscribe(e)
-            }
-        })?;
-        sock.set_non_blocking(true).map_err(|source| NetlinkError::Io {
-            what: "setting non-blocking mode",
-            source,
-        })?;
+        sock.bind(&SocketAddr::new(0, GROUPS_NEW_DESTROY))
+            .map_err(|e| {
+                if is_eperm(&e) {
+                    NetlinkError::PermissionDenied
+                } else {
+                    NetlinkError::Subscribe(e)
+                }
+            })?;
+        sock.set_non_blocking(true)
+            .map_err(|source| NetlinkError::Io {
+                what: "setting non-blocking mode",
+                source,
+            })?;
         Ok((
             EventSocket {
                 sock,
@@ -217,9 +236,9 @@ impl EventSocket {
             };
         }
         let n = n as usize;
-        for i in 0..n {
-            self.lens[i] = (hdrs[i].msg_len as usize).min(SLOT_LEN);
-            self.truncated[i] = hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        for (i, h) in hdrs.iter().enumerate().take(n) {
+            self.lens[i] = (h.msg_len as usize).min(SLOT_LEN);
+            self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }
         Ok(if n == 0 { Recv::Empty } else { Recv::Batch(n) })
     }
@@ -269,7 +288,12 @@ impl RequestSocket {
         })
     }
 
-    fn send(&mut self, message_type: u8, flags: u16, what: &'static str) -> Result<u32, NetlinkError> {
+    fn send(
+        &mut self,
+        message_type: u8,
+        flags: u16,
+        what: &'static str,
+    ) -> Result<u32, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -374,9 +398,14 @@ impl RequestSocket {
             Ok(true)
         })?;
         let what = "IPCTNL_MSG_CT_GET_STATS_CPU";
-        let seq = self.send(IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_REQUEST | NLM_F_DUMP, what)?;
+        let seq = self.send(
+            IPCTNL_MSG_CT_GET_STATS_CPU,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            what,
+        )?;
         self.recv_until_done(seq, what, |m| {
-            add_cpu_stats(m, &mut out.counters).map_err(|source| NetlinkError::Decode { what, source })?;
+            add_cpu_stats(m, &mut out.counters)
+                .map_err(|source| NetlinkError::Decode { what, source })?;
             Ok(true)
         })?;
         Ok(out)

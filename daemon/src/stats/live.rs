@@ -104,7 +104,7 @@ impl Tracker {
             clients: Table::new(caps.clients),
             flows: Table::new(caps.flows),
             backends: Table::new(caps.backends),
-            check: foldhash::fast::FixedState::with_seed(0x6374_7761_7463_68),
+            check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
             parity: 0,
             orphans: 0,
             counters: TrackerCounters::default(),
@@ -131,14 +131,19 @@ impl Tracker {
 
     fn insert(&mut self, c: &Conn, meta: u32) {
         let service_key = ServiceKey::of(c);
-        let service = self.services.intern(&service_key, false, || ()).unwrap_or(OTHER);
+        let service = self
+            .services
+            .intern(&service_key, false, || ())
+            .unwrap_or(OTHER);
         let flow = if service == OTHER {
             OTHER
         } else {
             let clients = &mut self.clients;
             match self.flows.intern(&FlowKey::of(c), false, || FlowVal {
                 service,
-                client: clients.intern(&ClientKey::of(c), false, || ()).unwrap_or(OTHER),
+                client: clients
+                    .intern(&ClientKey::of(c), false, || ())
+                    .unwrap_or(OTHER),
             }) {
                 Some(f) => f,
                 // The flow table is full: count the entry in its service's folded row (allowed
@@ -170,7 +175,14 @@ impl Tracker {
             None => NO_BACKEND,
         };
         let key = self.key(c.id, &c.orig);
-        self.mirror.insert(key, Entry { flow, backend, meta });
+        self.mirror.insert(
+            key,
+            Entry {
+                flow,
+                backend,
+                meta,
+            },
+        );
         if meta & ORPHAN != 0 {
             self.orphans += 1;
         }
@@ -365,7 +377,8 @@ impl Tracker {
         }
         let limit = p.limit.max(1);
         let by_live_then_key = |a: &(u64, TopEntry), b: &(u64, TopEntry)| {
-            b.0.cmp(&a.0).then_with(|| row_sort_key(&a.1).cmp(&row_sort_key(&b.1)))
+            b.0.cmp(&a.0)
+                .then_with(|| row_sort_key(&a.1).cmp(&row_sort_key(&b.1)))
         };
         if rows.len() > limit {
             rows.select_nth_unstable_by(limit - 1, by_live_then_key);
@@ -397,7 +410,12 @@ impl Tracker {
 
     /// Tracked keys per dimension: (services, clients, flows, backends).
     pub fn key_counts(&self) -> (usize, usize, usize, usize) {
-        (self.services.len(), self.clients.len(), self.flows.len(), self.backends.len())
+        (
+            self.services.len(),
+            self.clients.len(),
+            self.flows.len(),
+            self.backends.len(),
+        )
     }
 
     /// Approximate heap bytes held by the mirror and the tables.
@@ -439,7 +457,15 @@ fn client_row(k: &ClientKey) -> TopEntry {
 }
 
 /// A deterministic tie-break between rows with equal counts.
-fn row_sort_key(e: &TopEntry) -> (&Option<String>, &Option<String>, Option<u16>, &Option<String>, &Option<String>) {
+type RowKey<'a> = (
+    &'a Option<String>,
+    &'a Option<String>,
+    Option<u16>,
+    &'a Option<String>,
+    &'a Option<String>,
+);
+
+fn row_sort_key(e: &TopEntry) -> RowKey<'_> {
     (&e.proto, &e.dst, e.dport, &e.src, &e.backend)
 }
 

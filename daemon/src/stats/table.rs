@@ -90,7 +90,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
         };
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.index
-            .insert_unique(h, i, |&j| hasher.hash_one(&slots[j as usize].key));
+            .insert_unique(h, i, |&j| hasher.hash_one(slots[j as usize].key));
         self.in_use += 1;
         Some(i)
     }
@@ -116,7 +116,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
         if s.live > 0 {
             return false;
         }
-        let h = self.hasher.hash_one(&s.key);
+        let h = self.hasher.hash_one(s.key);
         if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
             e.remove();
         }
@@ -174,6 +174,10 @@ mod tests {
         let c = t.intern(&30, false, || ()).unwrap();
         assert_eq!(c, a, "freed slot reused");
         assert_eq!(t.len(), 2);
-        assert_eq!(t.intern(&40, true, || ()).map(|_| ()), Some(()), "over_cap allowed");
+        assert_eq!(
+            t.intern(&40, true, || ()).map(|_| ()),
+            Some(()),
+            "over_cap allowed"
+        );
     }
 }

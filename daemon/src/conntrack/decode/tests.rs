@@ -95,14 +95,20 @@ fn golden_events_match_the_crate_parse() {
                 ConntrackAttribute::CtaTupleOrig(t) => {
                     let (t, fam) = crate_tuple(t);
                     assert_eq!(fam, ours.family);
-                    assert_eq!((t.src, t.dst, t.proto), (ours.orig.src, ours.orig.dst, ours.orig.proto));
+                    assert_eq!(
+                        (t.src, t.dst, t.proto),
+                        (ours.orig.src, ours.orig.dst, ours.orig.proto)
+                    );
                     assert_eq!((t.sport, t.dport), (ours.orig.sport, ours.orig.dport));
                     saw_orig = true;
                 }
                 ConntrackAttribute::CtaTupleReply(t) => {
                     let (t, _) = crate_tuple(t);
                     let r = ours.reply.unwrap();
-                    assert_eq!((t.src, t.dst, t.sport, t.dport), (r.src, r.dst, r.sport, r.dport));
+                    assert_eq!(
+                        (t.src, t.dst, t.sport, t.dport),
+                        (r.src, r.dst, r.sport, r.dport)
+                    );
                 }
                 ConntrackAttribute::CtaStatus(s) => assert_eq!(s.bits(), ours.status),
                 ConntrackAttribute::CtaTimeout(v) => assert_eq!(Some(*v), ours.timeout),
@@ -119,7 +125,10 @@ fn golden_events_carry_the_expected_fields() {
     let c: Vec<Conn> = golden().iter().map(|d| decode_one(d)).collect();
     // UDP to 127.0.0.1:5353
     assert_eq!(c[0].kind, ConnKind::New);
-    assert_eq!((c[0].family, c[0].orig.proto, c[0].orig.dport), (AF_INET, 17, 5353));
+    assert_eq!(
+        (c[0].family, c[0].orig.proto, c[0].orig.dport),
+        (AF_INET, 17, 5353)
+    );
     assert_eq!(&c[0].orig.dst[..4], &[127, 0, 0, 1]);
     assert_eq!(c[0].timeout, Some(30));
     // UDP to [::1]:5354
@@ -128,10 +137,16 @@ fn golden_events_carry_the_expected_fields() {
     // TCP SYN_SENT (1) at NEW, then its DESTROY
     assert_eq!((c[2].orig.proto, c[2].tcp_state), (6, Some(1)));
     // ICMP echo: type 8, id 1; ICMPv6 echo: type 128
-    assert_eq!((c[3].orig.proto, c[3].orig.icmp_type, c[3].orig.icmp_id), (1, 8, 1));
+    assert_eq!(
+        (c[3].orig.proto, c[3].orig.icmp_type, c[3].orig.icmp_id),
+        (1, 8, 1)
+    );
     assert_eq!((c[4].orig.proto, c[4].orig.icmp_type), (58, 128));
     // DESTROY carries the same id as NEW
-    let destroy_of_tcp = c.iter().find(|x| x.kind == ConnKind::Destroy && x.orig.proto == 6).unwrap();
+    let destroy_of_tcp = c
+        .iter()
+        .find(|x| x.kind == ConnKind::Destroy && x.orig.proto == 6)
+        .unwrap();
     assert_eq!(destroy_of_tcp.id, c[2].id);
     assert_ne!(destroy_of_tcp.status & status::SEEN_REPLY, 0);
     // DNAT'd entry: reply source is the backend
@@ -190,10 +205,8 @@ fn truncated_and_mutated_input_never_panics() {
                 let i = (x as usize) % m.len();
                 m[i] ^= (x >> 8) as u8;
             }
-            for msg in NlMsgIter::new(&m) {
-                if let Ok(msg) = msg {
-                    let _ = decode_conn(&msg);
-                }
+            for msg in NlMsgIter::new(&m).flatten() {
+                let _ = decode_conn(&msg);
             }
         }
     }

@@ -99,7 +99,17 @@ fn ranks_services_clients_flows() {
     for (n, dport) in [(5, 53u16), (3, 80), (1, 443)] {
         for i in 0..n {
             id += 1;
-            t.on_new(&conn(id, 6, [10, 0, 0, 1 + (i % 2) as u8], 2000 + id as u16, [10, 0, 0, 9], dport), 0);
+            t.on_new(
+                &conn(
+                    id,
+                    6,
+                    [10, 0, 0, 1 + (i % 2) as u8],
+                    2000 + id as u16,
+                    [10, 0, 0, 9],
+                    dport,
+                ),
+                0,
+            );
         }
     }
     assert_eq!(
@@ -126,8 +136,12 @@ fn ranks_services_clients_flows() {
         },
         9,
     );
-    let got: Vec<(Option<String>, u64)> = r.entries.iter().map(|e| (e.src.clone(), e.live)).collect();
-    assert_eq!(got, vec![(Some("10.0.0.1".into()), 2), (Some("10.0.0.2".into()), 1)]);
+    let got: Vec<(Option<String>, u64)> =
+        r.entries.iter().map(|e| (e.src.clone(), e.live)).collect();
+    assert_eq!(
+        got,
+        vec![(Some("10.0.0.1".into()), 2), (Some("10.0.0.2".into()), 1)]
+    );
     assert!((r.entries[0].share_pct - 22.22).abs() < 0.01);
 }
 
@@ -153,7 +167,10 @@ fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
     t.on_dump_entry(&c, 2);
     assert_eq!(t.end_dump(), 1);
     assert_eq!((t.live(), t.orphans()), (2, 0));
-    assert_eq!(top(&t, Dimension::Service), vec![("udp::10.0.0.53:53".into(), 2)]);
+    assert_eq!(
+        top(&t, Dimension::Service),
+        vec![("udp::10.0.0.53:53".into(), 2)]
+    );
     // A flush with every DESTROY lost: an empty dump empties the picture.
     t.begin_dump();
     assert_eq!(t.end_dump(), 2);
@@ -175,7 +192,10 @@ fn dnat_entries_count_per_backend() {
     t.on_new(&conn(9, 6, [10, 0, 0, 1], 999, [10, 0, 0, 2], 22), 0);
     assert_eq!(
         top(&t, Dimension::Backend),
-        vec![("tcp::10.244.0.11:8443".into(), 2), ("tcp::10.244.0.12:8443".into(), 1)]
+        vec![
+            ("tcp::10.244.0.11:8443".into(), 2),
+            ("tcp::10.244.0.12:8443".into(), 1)
+        ]
     );
 }
 
@@ -226,8 +246,18 @@ fn ipv6_and_icmp_keys() {
     c.orig.dst[15] = 1;
     c.orig.icmp_type = 128;
     t.on_new(&c, 0);
-    let r = t.top(&TopParams { by: Dimension::Service, limit: 5, ..Default::default() }, 1);
+    let r = t.top(
+        &TopParams {
+            by: Dimension::Service,
+            limit: 5,
+            ..Default::default()
+        },
+        1,
+    );
     let e = &r.entries[0];
-    assert_eq!((e.proto.as_deref(), e.dst.as_deref(), e.dport), (Some("icmpv6"), Some("::1"), Some(0)));
+    assert_eq!(
+        (e.proto.as_deref(), e.dst.as_deref(), e.dport),
+        (Some("icmpv6"), Some("::1"), Some(0))
+    );
     assert_eq!(e.family.as_deref(), Some("ipv6"));
 }

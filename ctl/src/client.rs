@@ -1,0 +1,79 @@
+//! A blocking Varlink client: one call, one reply, over the daemon's Unix socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ctwatch_proto::{errors, Reply, Request, MAX_REPLY_LEN};
+use serde_json::{Map, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Client {
+    stream: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> Result<Client> {
+        let stream = UnixStream::connect(socket).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    "is ctwatchd running? Start it with `systemctl start ctwatchd`, or run \
+                     `ctwatchd --socket PATH` and pass the same --socket to ctctl"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "ask for membership of the `ctwatch` group, or run ctctl as root"
+                }
+                _ => "check the path given with --socket",
+            };
+            anyhow!("cannot connect to {}: {e}; {hint}", socket.display())
+        })?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        Ok(Client {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Calls `method` and returns the reply's parameters, or a readable error.
+    pub fn call(&mut self, method: &str, params: Map<String, Value>) -> Result<Value> {
+        let mut out = serde_json::to_vec(&Request::new(method, params))?;
+        out.push(0);
+        self.stream
+            .get_mut()
+            .write_all(&out)
+            .context("cannot send the request")?;
+        let mut buf = Vec::new();
+        let n = (&mut self.stream)
+            .take(MAX_REPLY_LEN as u64 + 1)
+            .read_until(0, &mut buf)
+            .context("no reply from ctwatchd")?;
+        if n == 0 || buf.last() != Some(&0) {
+            bail!("ctwatchd closed the connection without a complete reply");
+        }
+        buf.pop();
+        let reply: Reply =
+            serde_json::from_slice(&buf).context("ctwatchd sent a malformed reply")?;
+        if let Some(err) = reply.error {
+            let p = reply.parameters.unwrap_or(Value::Null);
+            let field = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+            bail!(match err.as_str() {
+                errors::METHOD_NOT_FOUND | errors::INTERFACE_NOT_FOUND => format!(
+                    "ctwatchd does not know {method}: upgrade the daemon to match this ctctl"
+                ),
+                errors::INVALID_PARAMETER =>
+                    format!("ctwatchd rejected parameter `{}`", field("parameter")),
+                errors::PERMISSION_DENIED =>
+                    "permission denied: ctctl needs root or membership of the `ctwatch` group"
+                        .to_string(),
+                errors::UNAVAILABLE => format!("ctwatchd cannot answer now: {}", field("reason")),
+                other => format!("ctwatchd answered {other}: {p}"),
+            });
+        }
+        Ok(reply.parameters.unwrap_or(Value::Null))
+    }
+}
+
+use std::io::Read;

@@ -1,0 +1,241 @@
+//! Method dispatch: `org.varlink.service` introspection and `io.ctwatch` methods, with
+//! parameters checked field by field so that a bad one is named in `InvalidParameter`.
+
+use ctwatch_proto::{
+    errors, parse_proto, Dimension, Reply, Request, TopParams, DEFAULT_TOP_LIMIT, INTERFACE,
+    INTERFACE_DESCRIPTION, MAX_TOP_LIMIT, SERVICE_DESCRIPTION, SERVICE_INTERFACE,
+};
+use serde_json::{json, Map, Value};
+
+use super::Ctx;
+use crate::reader::Unavailable;
+
+/// A parameter failed its check: the name goes back in `InvalidParameter`.
+struct BadParam(String);
+
+/// Typed access to a call's parameters that remembers which ones were read, so unknown
+/// parameters can be rejected by name.
+struct Params {
+    map: Map<String, Value>,
+    known: Vec<&'static str>,
+}
+
+impl Params {
+    fn new(map: Option<Map<String, Value>>) -> Self {
+        Params {
+            map: map.unwrap_or_default(),
+            known: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, name: &'static str) -> Option<&Value> {
+        self.known.push(name);
+        self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    fn opt_str(&mut self, name: &'static str) -> Result<Option<String>, BadParam> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(BadParam(name.into())),
+        }
+    }
+
+    fn opt_uint(&mut self, name: &'static str, max: u64) -> Result<Option<u64>, BadParam> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(BadParam(name.into())),
+            },
+        }
+    }
+
+    /// Fails on the first parameter that no getter asked for.
+    fn check_unknown(&self) -> Result<(), BadParam> {
+        match self.map.keys().find(|k| !self.known.contains(&k.as_str())) {
+            Some(k) => Err(BadParam(k.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+fn top_params(p: &mut Params) -> Result<TopParams, BadParam> {
+    let by = match p.opt_str("by")? {
+        None => Dimension::Service,
+        Some(s) => s.parse().map_err(|_| BadParam("by".into()))?,
+    };
+    let limit = match p.opt_uint("limit", MAX_TOP_LIMIT as u64)? {
+        None => DEFAULT_TOP_LIMIT,
+        Some(0) => return Err(BadParam("limit".into())),
+        Some(n) => n as usize,
+    };
+    let proto = match p.opt_str("proto")? {
+        None => None,
+        Some(s) => Some(parse_proto(&s).ok_or(BadParam("proto".into()))?),
+    };
+    let port = p.opt_uint("port", u16::MAX as u64)?.map(|n| n as u16);
+    Ok(TopParams {
+        by,
+        limit,
+        proto,
+        port,
+    })
+}
+
+fn unavailable(e: Unavailable) -> Reply {
+    Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() }))
+}
+
+fn to_reply<T: serde::Serialize>(key: &str, value: T) -> Reply {
+    match serde_json::to_value(value) {
+        Ok(v) => Reply::ok(json!({ key: v })),
+        Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+    }
+}
+
+/// Where a method name leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    GetInfo,
+    GetInterfaceDescription,
+    Status,
+    Top,
+}
+
+impl Route {
+    /// Every route of `io.ctwatch`, for the test that keeps the IDL and this table in step.
+    #[cfg(test)]
+    const CTWATCH: &'static [Route] = &[Route::Status, Route::Top];
+
+    fn find(interface: &str, method: &str) -> Result<Route, Reply> {
+        match (interface, method) {
+            (SERVICE_INTERFACE, "GetInfo") => Ok(Route::GetInfo),
+            (SERVICE_INTERFACE, "GetInterfaceDescription") => Ok(Route::GetInterfaceDescription),
+            (INTERFACE, "Status") => Ok(Route::Status),
+            (INTERFACE, "Top") => Ok(Route::Top),
+            (SERVICE_INTERFACE, _) | (INTERFACE, _) => Err(Reply::error(
+                errors::METHOD_NOT_FOUND,
+                json!({ "method": format!("{interface}.{method}") }),
+            )),
+            _ => Err(Reply::error(
+                errors::INTERFACE_NOT_FOUND,
+                json!({ "interface": interface }),
+            )),
+        }
+    }
+}
+
+async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam> {
+    Ok(match route {
+        Route::GetInfo => {
+            p.check_unknown()?;
+            Reply::ok(json!({
+                "vendor": "ctwatch",
+                "product": "ctwatchd",
+                "version": env!("CARGO_PKG_VERSION"),
+                "url": "",
+                "interfaces": [SERVICE_INTERFACE, INTERFACE],
+            }))
+        }
+        Route::GetInterfaceDescription => {
+            let name = p
+                .opt_str("interface")?
+                .ok_or(BadParam("interface".into()))?;
+            p.check_unknown()?;
+            match name.as_str() {
+                INTERFACE => Reply::ok(json!({ "description": INTERFACE_DESCRIPTION })),
+                SERVICE_INTERFACE => Reply::ok(json!({ "description": SERVICE_DESCRIPTION })),
+                _ => Reply::error(errors::INTERFACE_NOT_FOUND, json!({ "interface": name })),
+            }
+        }
+        Route::Status => {
+            p.check_unknown()?;
+            match ctx.reader.status().await {
+                Ok(mut s) => {
+                    s.netns = ctx.netns.clone();
+                    to_reply("status", s)
+                }
+                Err(e) => unavailable(e),
+            }
+        }
+        Route::Top => {
+            let t = top_params(p)?;
+            p.check_unknown()?;
+            match ctx.reader.top(t).await {
+                Ok(r) => to_reply("top", r),
+                Err(e) => unavailable(e),
+            }
+        }
+    })
+}
+
+pub async fn dispatch(req: Request, ctx: &Ctx) -> Reply {
+    let (interface, method) = req.method.rsplit_once('.').unwrap_or(("", &req.method));
+    let route = match Route::find(interface, method) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let mut p = Params::new(req.parameters);
+    call(route, &mut p, ctx)
+        .await
+        .unwrap_or_else(|BadParam(name)| Reply::invalid_parameter(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_table_matches_the_interface_description() {
+        let idl = ctwatch_proto::idl_methods(INTERFACE_DESCRIPTION);
+        let mut routed = Vec::new();
+        for m in &idl {
+            let r = Route::find(INTERFACE, m)
+                .unwrap_or_else(|_| panic!("{m} is in the IDL but not dispatched"));
+            routed.push(r);
+        }
+        for r in Route::CTWATCH {
+            assert!(routed.contains(r), "{r:?} is dispatched but not in the IDL");
+        }
+        for m in ctwatch_proto::idl_methods(SERVICE_DESCRIPTION) {
+            assert!(Route::find(SERVICE_INTERFACE, &m).is_ok(), "{m}");
+        }
+        assert!(Route::find(INTERFACE, "Nope").is_err());
+        assert!(Route::find("com.example", "Status").is_err());
+    }
+
+    fn params(v: Value) -> Params {
+        Params::new(v.as_object().cloned())
+    }
+
+    #[test]
+    fn top_parameters_are_checked_by_name() {
+        let ok = |v: Value| {
+            let mut p = params(v);
+            let t = top_params(&mut p).ok()?;
+            p.check_unknown().ok()?;
+            Some(t)
+        };
+        let bad = |v: Value| {
+            let mut p = params(v);
+            match top_params(&mut p).and_then(|_| p.check_unknown()) {
+                Err(BadParam(n)) => n,
+                Ok(()) => "accepted".into(),
+            }
+        };
+        let t = ok(json!({"by": "client", "limit": 5, "proto": "udp", "port": 53})).unwrap();
+        assert_eq!(
+            (t.by, t.limit, t.proto, t.port),
+            (Dimension::Client, 5, Some(17), Some(53))
+        );
+        assert_eq!(ok(json!({})).unwrap().limit, DEFAULT_TOP_LIMIT);
+        assert_eq!(bad(json!({"by": "nope"})), "by");
+        assert_eq!(bad(json!({"limit": -1})), "limit");
+        assert_eq!(bad(json!({"limit": 0})), "limit");
+        assert_eq!(bad(json!({"limit": "5"})), "limit");
+        assert_eq!(bad(json!({"port": 70000})), "port");
+        assert_eq!(bad(json!({"proto": "tcpx"})), "proto");
+        assert_eq!(bad(json!({"colour": "red"})), "colour");
+    }
+}
