@@ -1,0 +1,205 @@
+//! Starts ctwatchd (the binary cargo built) in a namespace and runs ctctl against it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Netns;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A directory under /tmp removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "ctwatch-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A binary of this workspace, from the target directory the tests were built into.
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace` first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+#[derive(Default)]
+pub struct DaemonOpts {
+    /// Extra lines for the config file.
+    pub config: String,
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(ns: &Netns, opts: DaemonOpts) -> Daemon {
+        let dir = TempDir::new("daemon");
+        let socket = dir.path().join("ctwatchd.sock");
+        let log = dir.path().join("ctwatchd.log");
+        let config = dir.path().join("ctwatchd.toml");
+        std::fs::write(&config, format!("log_level = \"debug\"\n{}", opts.config)).unwrap();
+        let child = Command::new(target_bin("ctwatchd"))
+            .arg("--netns")
+            .arg(ns.path())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start ctwatchd");
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            dir,
+            log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("ctwatchd exited with {status}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ctwatchd did not listen within 10 s:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// ctctl against this daemon; panics unless it succeeds.
+    pub fn ctctl(&self, args: &[&str]) -> String {
+        let out = ctctl(&self.socket, args);
+        assert!(
+            out.status.success(),
+            "ctctl {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        ctctl_json(&self.socket, args)
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!(
+            "ctwatchd did not stop within 5 s of SIGTERM:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            for _ in 0..60 {
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- ctwatchd log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+pub fn ctctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(target_bin("ctctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run ctctl")
+}
+
+/// `ctctl --socket S ARGS --json`, parsed.
+pub fn ctctl_json(socket: &Path, args: &[&str]) -> Value {
+    let mut a: Vec<&str> = args.to_vec();
+    a.push("--json");
+    let out = ctctl(socket, &a);
+    assert!(
+        out.status.success(),
+        "ctctl {a:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ctctl --json printed invalid JSON")
+}
