@@ -31,6 +31,7 @@ const RULESET: &str = "table inet ctwatch_test {\n chain out {\n  type filter ho
 impl Netns {
     /// Creates `ctw-<pid>-<n>` with `lo` up and a `ct state` rule, so the kernel tracks
     /// connections in it.
+    #[allow(clippy::new_without_default)] // creates a kernel object: not a Default
     pub fn new() -> Netns {
         super::require_root_and_tools();
         let name = format!(
