@@ -7,7 +7,7 @@ use ctwatch_proto::Dimension;
 
 /// ctctl: ask ctwatchd about the conntrack table — who fills it, and how full it is.
 #[derive(Debug, Parser)]
-#[command(name = "ctctl", version, about, propagate_version = true)]
+#[command(name = "ctctl", version, propagate_version = true)]
 pub struct Cli {
     /// ctwatchd's socket.
     #[arg(
@@ -35,7 +35,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
-    /// What to group entries by.
+    /// What to group entries by: service, client, flow or backend.
     #[arg(long, default_value = "service", value_parser = parse_dimension)]
     pub by: Dimension,
     /// Rows to show.

@@ -19,7 +19,7 @@ pub const DEFAULT_GROUP: &str = "ctwatch";
 /// ctwatchd: watches the kernel's connection tracking table over ctnetlink and answers
 /// questions about it on a Unix socket (see ctctl).
 #[derive(Debug, Parser)]
-#[command(name = "ctwatchd", version, about)]
+#[command(name = "ctwatchd", version)]
 pub struct Cli {
     /// Unix socket to serve the Varlink API on.
     #[arg(long, value_name = "PATH")]
