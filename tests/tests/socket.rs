@@ -252,3 +252,72 @@ fn bad_flags_and_config_get_one_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Runs ctctl as another user (uid 65534) with the given primary and supplementary groups.
+fn ctctl_as(socket: &std::path::Path, gid: u32, groups: &str) -> std::process::Output {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", &format!("--regid={gid}")]);
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        c.arg(format!("--groups={groups}"));
+    }
+    c.arg("--")
+        .arg(target_bin("ctctl"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("status")
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn peer_credentials_decide_who_may_ask() {
+    let ns = Netns::new();
+    // nogroup (65534) plays the socket group.
+    let d = Daemon::start(
+        &ns,
+        DaemonOpts {
+            config: "socket_group = \"nogroup\"\n".into(),
+        },
+    );
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534, "socket group");
+    // ctctl needs the binary to be reachable by uid 65534 through the target dir.
+    let mut p = target_bin("ctctl");
+    while let Some(parent) = p.parent().map(|x| x.to_path_buf()) {
+        if parent.as_os_str().is_empty() || parent == std::path::Path::new("/") {
+            break;
+        }
+        let _ = std::fs::set_permissions(
+            &parent,
+            std::fs::Permissions::from_mode(std::fs::metadata(&parent).unwrap().mode() | 0o711),
+        );
+        p = parent;
+    }
+    // A member through a supplementary group, and one through the primary group: allowed.
+    let out = ctctl_as(&d.socket, 1, "65534");
+    assert!(
+        out.status.success(),
+        "group member refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctctl_as(&d.socket, 65534, "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Anyone else is refused, even when the file mode would let them connect.
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = ctctl_as(&d.socket, 1, "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(
+        d.log_text().contains("connection refused"),
+        "refusal is logged"
+    );
+}
