@@ -41,6 +41,8 @@ pub const DEFAULT_RESYNC_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// Capacity of the command queue; a full queue answers "busy" instead of waiting.
 const COMMAND_QUEUE: usize = 64;
+/// How long the reader lets events accumulate after the first one wakes it.
+const COALESCE: Duration = Duration::from_millis(1);
 /// Batches received before commands and timers get a look.
 const BATCHES_PER_TURN: usize = 32;
 
@@ -194,6 +196,7 @@ impl Reader {
             kernel,
         };
         reader.rcvbuf_asked = rcvbuf_asked;
+        reader.tracker.reserve(kernel.entries as usize);
         reader.dump("startup")?;
         let handle = Handle {
             tx,
@@ -415,6 +418,9 @@ impl Reader {
         }
     }
 
+    /// Sleeps until events or a command arrive, or `timeout`. After events wake it, it waits
+    /// COALESCE more so that they are read in batches: under load this bounds wake-ups to about
+    /// a thousand a second instead of one per event.
     fn wait(&self, timeout: Duration) {
         let mut fds = [
             libc::pollfd {
@@ -429,13 +435,16 @@ impl Reader {
             },
         ];
         // SAFETY: fds is a live array of two pollfd.
-        unsafe {
+        let n = unsafe {
             libc::poll(
                 fds.as_mut_ptr(),
                 2,
                 timeout.as_millis().min(1000) as libc::c_int,
             )
         };
+        if n > 0 && fds[0].revents & libc::POLLIN != 0 && fds[1].revents == 0 {
+            std::thread::sleep(COALESCE);
+        }
     }
 
     /// The loop: events, then commands, then timers; sleeps in poll when idle.

@@ -9,6 +9,7 @@
 //! backend slot 4, mark/orphan/birth 4), so memory is bounded by the kernel's own table size:
 //! about 21 bytes × the next power of two above count / 0.875.
 
+use std::collections::hash_map::Entry as Entry_;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
@@ -82,54 +83,17 @@ pub struct TrackerCounters {
     pub swept: u64,
 }
 
-pub struct Tracker {
-    mirror: HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>,
+/// The per-dimension tables, apart from the mirror so that both can be borrowed at once.
+struct Keys {
     services: Table<ServiceKey, ()>,
     clients: Table<ClientKey, ()>,
     flows: Table<FlowKey, FlowVal>,
     backends: Table<BackendKey, ()>,
-    /// Seed for the check half of the mirror key (fixed per process).
-    check: foldhash::fast::FixedState,
-    /// Current dump generation's mark bit.
-    parity: u32,
-    orphans: u64,
-    pub counters: TrackerCounters,
 }
 
-impl Tracker {
-    pub fn new(caps: Caps) -> Self {
-        Tracker {
-            mirror: HashMap::default(),
-            services: Table::new(caps.services),
-            clients: Table::new(caps.clients),
-            flows: Table::new(caps.flows),
-            backends: Table::new(caps.backends),
-            check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
-            parity: 0,
-            orphans: 0,
-            counters: TrackerCounters::default(),
-        }
-    }
-
-    /// Entries tracked now.
-    pub fn live(&self) -> u64 {
-        self.mirror.len() as u64
-    }
-
-    /// Entries known only from a dump: they may never emit DESTROY, so dumps must retire them.
-    pub fn orphans(&self) -> u64 {
-        self.orphans
-    }
-
-    /// The mirror key: the kernel's 32-bit id, and 32 bits of a hash of the original tuple so
-    /// that two entries sharing an id (ids are 32-bit hashes) stay apart.
-    #[inline]
-    fn key(&self, id: u32, orig: &Tuple) -> u64 {
-        let check = self.check.hash_one(orig) as u32;
-        ((check as u64) << 32) | id as u64
-    }
-
-    fn insert(&mut self, c: &Conn, meta: u32) {
+impl Keys {
+    /// Counts a new entry under its keys; returns its flow and backend slots.
+    fn count(&mut self, c: &Conn) -> (u32, u32) {
         let service_key = ServiceKey::of(c);
         let service = self
             .services
@@ -174,39 +138,77 @@ impl Tracker {
             }
             None => NO_BACKEND,
         };
-        let key = self.key(c.id, &c.orig);
-        self.mirror.insert(
-            key,
-            Entry {
-                flow,
-                backend,
-                meta,
-            },
-        );
-        if meta & ORPHAN != 0 {
-            self.orphans += 1;
-        }
+        (flow, backend)
     }
 
-    fn release(
-        flows: &mut Table<FlowKey, FlowVal>,
-        services: &mut Table<ServiceKey, ()>,
-        clients: &mut Table<ClientKey, ()>,
-        backends: &mut Table<BackendKey, ()>,
-        e: &Entry,
-    ) {
+    /// Uncounts an entry.
+    fn release(&mut self, e: &Entry) {
         let (service, client) = if e.flow == OTHER {
             (OTHER, OTHER)
         } else {
-            let v = flows.get(e.flow).val;
+            let v = self.flows.get(e.flow).val;
             (v.service, v.client)
         };
-        flows.dec(e.flow);
-        clients.dec(client);
-        services.dec(service);
+        self.flows.dec(e.flow);
+        self.clients.dec(client);
+        self.services.dec(service);
         if e.backend != NO_BACKEND {
-            backends.dec(e.backend);
+            self.backends.dec(e.backend);
         }
+    }
+}
+
+pub struct Tracker {
+    mirror: HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>,
+    keys: Keys,
+    /// Seed for the check half of the mirror key (fixed per process).
+    check: foldhash::fast::FixedState,
+    /// Current dump generation's mark bit.
+    parity: u32,
+    orphans: u64,
+    pub counters: TrackerCounters,
+}
+
+impl Tracker {
+    pub fn new(caps: Caps) -> Self {
+        Tracker {
+            mirror: HashMap::default(),
+            keys: Keys {
+                services: Table::new(caps.services),
+                clients: Table::new(caps.clients),
+                flows: Table::new(caps.flows),
+                backends: Table::new(caps.backends),
+            },
+            check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
+            parity: 0,
+            orphans: 0,
+            counters: TrackerCounters::default(),
+        }
+    }
+
+    /// Makes room for `entries` in the mirror at once, sparing the growth steps (and the
+    /// transient double allocation each one makes) while a large table is dumped.
+    pub fn reserve(&mut self, entries: usize) {
+        self.mirror
+            .reserve(entries.saturating_sub(self.mirror.len()));
+    }
+
+    /// Entries tracked now.
+    pub fn live(&self) -> u64 {
+        self.mirror.len() as u64
+    }
+
+    /// Entries known only from a dump: they may never emit DESTROY, so dumps must retire them.
+    pub fn orphans(&self) -> u64 {
+        self.orphans
+    }
+
+    /// The mirror key: the kernel's 32-bit id, and 32 bits of a hash of the original tuple so
+    /// that two entries sharing an id (ids are 32-bit hashes) stay apart.
+    #[inline]
+    fn key(&self, id: u32, orig: &Tuple) -> u64 {
+        let check = self.check.hash_one(orig) as u32;
+        ((check as u64) << 32) | id as u64
     }
 
     /// A NEW event. Idempotent: an entry already known (from a dump that raced the event) is
@@ -214,14 +216,23 @@ impl Tracker {
     pub fn on_new(&mut self, c: &Conn, now_secs: u32) {
         self.counters.new += 1;
         let key = self.key(c.id, &c.orig);
-        if let Some(e) = self.mirror.get_mut(&key) {
-            if e.meta & ORPHAN != 0 {
-                e.meta &= !ORPHAN;
-                self.orphans -= 1;
+        match self.mirror.entry(key) {
+            Entry_::Occupied(mut o) => {
+                let e = o.get_mut();
+                if e.meta & ORPHAN != 0 {
+                    e.meta &= !ORPHAN;
+                    self.orphans -= 1;
+                }
             }
-            return;
+            Entry_::Vacant(v) => {
+                let (flow, backend) = self.keys.count(c);
+                v.insert(Entry {
+                    flow,
+                    backend,
+                    meta: self.parity | (now_secs & BORN_MASK),
+                });
+            }
         }
-        self.insert(c, self.parity | (now_secs & BORN_MASK));
     }
 
     /// A DESTROY event. Only entries that were counted are uncounted.
@@ -233,13 +244,7 @@ impl Tracker {
                 if e.meta & ORPHAN != 0 {
                     self.orphans -= 1;
                 }
-                Self::release(
-                    &mut self.flows,
-                    &mut self.services,
-                    &mut self.clients,
-                    &mut self.backends,
-                    &e,
-                );
+                self.keys.release(&e);
             }
             None => self.counters.destroy_unknown += 1,
         }
@@ -254,22 +259,27 @@ impl Tracker {
 
     pub fn on_dump_entry(&mut self, c: &Conn, now_secs: u32) {
         let key = self.key(c.id, &c.orig);
-        if let Some(e) = self.mirror.get_mut(&key) {
-            e.meta = (e.meta & !MARK) | self.parity;
-            return;
+        match self.mirror.entry(key) {
+            Entry_::Occupied(mut o) => {
+                let e = o.get_mut();
+                e.meta = (e.meta & !MARK) | self.parity;
+            }
+            Entry_::Vacant(v) => {
+                let (flow, backend) = self.keys.count(c);
+                v.insert(Entry {
+                    flow,
+                    backend,
+                    meta: self.parity | ORPHAN | (now_secs & BORN_MASK),
+                });
+                self.orphans += 1;
+            }
         }
-        self.insert(c, self.parity | ORPHAN | (now_secs & BORN_MASK));
     }
 
     /// Ends a dump generation: drops entries the dump did not contain. Returns how many.
     pub fn end_dump(&mut self) -> u64 {
         let parity = self.parity;
-        let (flows, services, clients, backends) = (
-            &mut self.flows,
-            &mut self.services,
-            &mut self.clients,
-            &mut self.backends,
-        );
+        let keys = &mut self.keys;
         let mut swept = 0u64;
         let mut orphans_gone = 0u64;
         self.mirror.retain(|_, e| {
@@ -280,7 +290,7 @@ impl Tracker {
             if e.meta & ORPHAN != 0 {
                 orphans_gone += 1;
             }
-            Self::release(flows, services, clients, backends, e);
+            keys.release(e);
             false
         });
         self.orphans -= orphans_gone;
@@ -302,18 +312,18 @@ impl Tracker {
         let mut other = 0u64;
         match p.by {
             Dimension::Service => {
-                for (_, s) in self.services.iter() {
+                for (_, s) in self.keys.services.iter() {
                     let k = &s.key;
                     if proto_ok(k.proto) && port_ok(k.dport) {
                         rows.push((s.live as u64, service_row(k)));
                     }
                 }
                 if p.proto.is_none() && p.port.is_none() {
-                    other = self.services.other_live;
+                    other = self.keys.services.other_live;
                 }
             }
             Dimension::Flow => {
-                for (_, s) in self.flows.iter() {
+                for (_, s) in self.keys.flows.iter() {
                     let k = &s.key;
                     if !(proto_ok(k.service.proto) && port_ok(k.service.dport)) {
                         continue;
@@ -327,19 +337,19 @@ impl Tracker {
                     rows.push((s.live as u64, row));
                 }
                 if p.proto.is_none() && p.port.is_none() {
-                    other += self.flows.other_live;
+                    other += self.keys.flows.other_live;
                 }
             }
             Dimension::Client if p.proto.is_none() && p.port.is_none() => {
-                for (_, s) in self.clients.iter() {
+                for (_, s) in self.keys.clients.iter() {
                     rows.push((s.live as u64, client_row(&s.key)));
                 }
-                other = self.clients.other_live;
+                other = self.keys.clients.other_live;
             }
             Dimension::Client => {
                 // Filtered by what clients connect to: add up their matching flows.
                 let mut per: HashMap<u32, u64> = HashMap::new();
-                for (_, s) in self.flows.iter() {
+                for (_, s) in self.keys.flows.iter() {
                     let k = &s.key;
                     if proto_ok(k.service.proto) && port_ok(k.service.dport) {
                         if s.val.client == OTHER {
@@ -350,11 +360,11 @@ impl Tracker {
                     }
                 }
                 for (c, live) in per {
-                    rows.push((live, client_row(&self.clients.get(c).key)));
+                    rows.push((live, client_row(&self.keys.clients.get(c).key)));
                 }
             }
             Dimension::Backend => {
-                for (_, s) in self.backends.iter() {
+                for (_, s) in self.keys.backends.iter() {
                     let k = &s.key;
                     if proto_ok(k.proto) && port_ok(k.port) {
                         rows.push((
@@ -371,7 +381,7 @@ impl Tracker {
                     }
                 }
                 if p.proto.is_none() && p.port.is_none() {
-                    other = self.backends.other_live;
+                    other = self.keys.backends.other_live;
                 }
             }
         }
@@ -411,20 +421,20 @@ impl Tracker {
     /// Tracked keys per dimension: (services, clients, flows, backends).
     pub fn key_counts(&self) -> (usize, usize, usize, usize) {
         (
-            self.services.len(),
-            self.clients.len(),
-            self.flows.len(),
-            self.backends.len(),
+            self.keys.services.len(),
+            self.keys.clients.len(),
+            self.keys.flows.len(),
+            self.keys.backends.len(),
         )
     }
 
     /// Approximate heap bytes held by the mirror and the tables.
     pub fn heap_bytes(&self) -> usize {
         self.mirror.capacity() * (std::mem::size_of::<(u64, Entry)>() + 1)
-            + self.services.heap_bytes()
-            + self.clients.heap_bytes()
-            + self.flows.heap_bytes()
-            + self.backends.heap_bytes()
+            + self.keys.services.heap_bytes()
+            + self.keys.clients.heap_bytes()
+            + self.keys.flows.heap_bytes()
+            + self.keys.backends.heap_bytes()
     }
 }
 

@@ -40,8 +40,11 @@ impl Drop for TempDir {
 /// A binary of this workspace, from the target directory the tests were built into.
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).unwrap();
+    // Tests run from target/<profile>/deps/, other binaries from target/<profile>/.
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -70,7 +73,7 @@ impl Daemon {
         let socket = dir.path().join("ctwatchd.sock");
         let log = dir.path().join("ctwatchd.log");
         let config = dir.path().join("ctwatchd.toml");
-        std::fs::write(&config, format!("log_level = \"debug\"\n{}", opts.config)).unwrap();
+        std::fs::write(&config, &opts.config).unwrap();
         let child = Command::new(target_bin("ctwatchd"))
             .arg("--netns")
             .arg(ns.path())
@@ -80,6 +83,10 @@ impl Daemon {
             .arg(dir.path())
             .arg("--config")
             .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("CTWATCH_TEST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
