@@ -9,7 +9,9 @@ pub mod conntrack;
 pub mod notify;
 pub mod reader;
 pub mod server;
+pub mod history;
 pub mod stats;
+pub mod store;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;

@@ -396,6 +396,7 @@ impl Reader {
                 .map(|_| self.last_dump.took.as_millis() as u64),
             netns: self.cfg.netns.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            history: Default::default(),
         }
     }
 

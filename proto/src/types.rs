@@ -73,6 +73,8 @@ pub struct StatusReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
     pub version: String,
+    #[serde(default)]
+    pub history: HistoryStatus,
 }
 
 /// The key a ranking groups entries by.
@@ -217,6 +219,29 @@ mod tests {
     }
 
     #[test]
+    fn cidr_parse_and_contains() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[10, 1, 200, 3]);
+        assert!(c.contains(false, &a));
+        a[1] = 2;
+        assert!(!c.contains(false, &a));
+        assert!(!c.contains(true, &a));
+        let h: Cidr = "10.1.2.3".parse().unwrap();
+        assert_eq!(h.len, 32);
+        let v6: Cidr = "fd00::/12".parse().unwrap();
+        let mut b = [0u8; 16];
+        b[0] = 0xfd;
+        b[1] = 0x0f;
+        assert!(v6.contains(true, &b));
+        b[1] = 0x10;
+        assert!(!v6.contains(true, &b));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(false, &a));
+    }
+
+    #[test]
     fn dimension_parse() {
         assert_eq!("backend".parse::<Dimension>(), Ok(Dimension::Backend));
         assert!("svc".parse::<Dimension>().is_err());
@@ -239,4 +264,179 @@ mod tests {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
     }
+}
+
+/// Parameters of `io.ctwatch.Query`. Times are Unix seconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueryParams {
+    pub since: u64,
+    pub until: u64,
+    pub by: Dimension,
+    pub proto: Option<u8>,
+    pub port: Option<u16>,
+    pub src: Option<Cidr>,
+    pub dst: Option<Cidr>,
+    pub top: usize,
+    /// Seconds per point; `None` for totals only.
+    pub step: Option<u64>,
+}
+
+/// Default number of rows of a query.
+pub const DEFAULT_QUERY_TOP: usize = 20;
+
+/// One point of a time series.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// Start of the interval, RFC 3339.
+    pub t: String,
+    pub new: u64,
+    pub destroyed: u64,
+    pub unreplied: u64,
+    pub live_max: u64,
+    pub live_end: u64,
+}
+
+/// A key's totals over the queried range, and its series when a step was asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QueryRow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<u16>,
+    /// Entries created in the range.
+    pub new: u64,
+    /// Entries destroyed in the range.
+    pub destroyed: u64,
+    /// Destroyed without ever seeing a reply (UNREPLIED): the DNS-timeout signature.
+    pub unreplied: u64,
+    /// Destroyed after being ASSURED.
+    pub assured: u64,
+    /// Most live entries at once within the range (per bucket).
+    pub live_max: u64,
+    /// Live entries at the end of the range's last bucket.
+    pub live_end: u64,
+    /// Bytes and packets of destroyed entries (both directions), when nf_conntrack_acct=1.
+    pub bytes: u64,
+    pub packets: u64,
+    /// Lifetimes of destroyed entries: <1s, <10s, <1m, <5m, <30m, <2h, <1d, longer.
+    pub lifetime: Vec<u64>,
+    /// Set on the row that folds keys beyond the per-bucket cap, with how many keys it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<Vec<Point>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QueryReply {
+    pub by: String,
+    /// The range, RFC 3339.
+    pub since: String,
+    pub until: String,
+    /// Seconds per stored bucket the answer was built from (60 or 3600 by default).
+    pub resolution_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_secs: Option<u64>,
+    pub rows: Vec<QueryRow>,
+}
+
+/// Lifetime histogram bounds, in seconds (the last bin is open).
+pub const LIFETIME_BOUNDS: [u64; 7] = [1, 10, 60, 300, 1800, 7200, 86400];
+
+/// An address prefix, as in `10.0.0.0/8` or `fd00::/64`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?,
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Cidr {
+    /// Whether `family`/`bytes` (16 bytes; IPv4 in the first four) lies inside.
+    pub fn contains(&self, v6: bool, bytes: &[u8; 16]) -> bool {
+        let (net, n): (&[u8], usize) = match (&self.addr, v6) {
+            (std::net::IpAddr::V4(a), false) => (&a.octets()[..], 4),
+            (std::net::IpAddr::V6(a), true) => return prefix_eq(&a.octets(), &bytes[..16], self.len),
+            _ => return false,
+        };
+        prefix_eq(net, &bytes[..n], self.len)
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let full = (bits / 8) as usize;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rem = bits % 8;
+    if rem == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rem);
+    (a[full] & mask) == (b[full] & mask)
+}
+
+/// History figures in `Status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HistoryStatus {
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub buckets_written: u64,
+    /// Buckets not written: store unavailable (full disk, I/O error) or writer behind.
+    pub buckets_dropped: u64,
+    pub disk_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Peak table usage (%) per minute over the last hour, oldest first; null where no data.
+    pub usage_1h: Vec<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_24h: Option<Peak>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Peak {
+    pub count: u64,
+    pub usage_pct: f64,
+    pub t: String,
 }
