@@ -31,6 +31,44 @@ pub enum Command {
     Status,
     /// Live entries per key, largest first, with each key's share of the table.
     Top(TopArgs),
+    /// History per key over a time range: totals, or a series with --step.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Start: a duration back from now (90m, 2h, 1d, 1h30m) or a time (2026-11-25T03:00, local
+    /// time unless it names an offset or Z).
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub since: String,
+    /// End, in the same forms as --since [default: now].
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub until: Option<String>,
+    /// What to group entries by: service, client, flow or backend.
+    #[arg(long, default_value = "service", value_parser = parse_dimension)]
+    pub by: Dimension,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp, or a number.
+    #[arg(long, value_name = "P", value_parser = parse_proto)]
+    pub proto: Option<String>,
+    /// Only this destination port (for --by backend: the backend's port).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// Only sources in this address or CIDR (client and flow).
+    #[arg(long, value_name = "ADDR|CIDR", value_parser = parse_cidr)]
+    pub src: Option<String>,
+    /// Only destinations in this address or CIDR (service, flow; backend address for backend).
+    #[arg(long, value_name = "ADDR|CIDR", value_parser = parse_cidr)]
+    pub dst: Option<String>,
+    /// Rows to show; the rest are summed in an (other) row.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub top: u64,
+    /// A time series per key, one point per this long (5m, 1h).
+    #[arg(long, value_name = "DURATION")]
+    pub step: Option<String>,
+}
+
+fn parse_cidr(s: &str) -> Result<String, String> {
+    s.parse::<ctwatch_proto::Cidr>().map(|_| s.to_string())
 }
 
 #[derive(Debug, Args)]

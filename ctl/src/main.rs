@@ -3,13 +3,14 @@
 mod cli;
 mod client;
 mod render;
+mod time;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ctwatch_proto::{StatusReply, TopReply};
+use ctwatch_proto::{QueryReply, StatusReply, TopReply};
 use serde_json::{json, Map, Value};
 
 use cli::{Cli, Command};
@@ -51,7 +52,38 @@ fn emit_json(v: &impl serde::Serialize) -> Result<()> {
     emit(&s)
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 fn run(cli: &Cli) -> Result<()> {
+    // Arguments are checked before connecting, so their errors do not depend on the daemon.
+    let query = match &cli.command {
+        Command::Query(q) => {
+            let now = unix_now();
+            let since = time::parse_when(&q.since, now).context("--since")?;
+            let until = match &q.until {
+                Some(u) => time::parse_when(u, now).context("--until")?,
+                None => now,
+            };
+            if until <= since {
+                anyhow::bail!(
+                    "--until ({}) is not after --since ({}): nothing to show",
+                    time::local(until),
+                    time::local(since)
+                );
+            }
+            if since < 0 {
+                anyhow::bail!("--since is before 1970");
+            }
+            let step = q.step.as_deref().map(time::parse_duration).transpose().context("--step")?;
+            Some((since, until, step))
+        }
+        _ => None,
+    };
     let mut client = client::Client::connect(&cli.socket)?;
     match &cli.command {
         Command::Status => {
@@ -78,6 +110,27 @@ fn run(cli: &Cli) -> Result<()> {
                 emit_json(&r.entries)
             } else {
                 emit(&render::top(&r, a.by))
+            }
+        }
+        Command::Query(q) => {
+            let (since, until, step) = query.expect("parsed above");
+            let p = params(json!({
+                "since": since,
+                "until": until,
+                "by": q.by.as_str(),
+                "proto": q.proto,
+                "port": q.port,
+                "src": q.src,
+                "dst": q.dst,
+                "top": q.top,
+                "step": step,
+            }));
+            let v = client.call("io.ctwatch.Query", p)?;
+            let r: QueryReply = serde_json::from_value(v["query"].clone()).context("unexpected Query reply")?;
+            if cli.json {
+                emit_json(&r.rows)
+            } else {
+                emit(&render::query(&r, q.by, since, until))
             }
         }
     }

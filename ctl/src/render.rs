@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use ctwatch_proto::{Dimension, StatusReply, TopEntry, TopReply};
+use ctwatch_proto::{Dimension, QueryReply, QueryRow, StatusReply, TopEntry, TopReply};
 
 /// Formats rows into columns; numeric columns are right-aligned.
 pub struct Table {
@@ -214,6 +214,32 @@ pub fn status(s: &StatusReply) -> String {
             k.drop, k.early_drop, k.insert_failed, k.invalid, k.clash_resolve, k.search_restart, k.chaintoolong, k.error
         ),
     ));
+    let h = &s.history;
+    if h.enabled {
+        let peak = h
+            .peak_24h
+            .as_ref()
+            .map(|p| format!("  peak 24h: {} entries ({:.2}%) at {}", p.count, p.usage_pct, p.t))
+            .unwrap_or_default();
+        rows.push(("usage 1h", format!("{}{}", sparkline(&h.usage_1h), peak)));
+    }
+    rows.push((
+        "history",
+        if h.enabled {
+            format!(
+                "{} buckets written, {} dropped, {} KiB on disk{}",
+                h.buckets_written,
+                h.buckets_dropped,
+                h.disk_bytes / 1024,
+                h.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+            )
+        } else {
+            format!(
+                "unavailable{}",
+                h.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            )
+        },
+    ));
     rows.push(("accounting", onoff(&s.accounting)));
     rows.push(("timestamps", onoff(&s.timestamps)));
     rows.push((
@@ -245,4 +271,90 @@ pub fn status(s: &StatusReply) -> String {
     rows.iter()
         .map(|(k, v)| format!("{k:<w$}  {v}\n"))
         .collect()
+}
+
+/// A sparkline of values scaled to the largest; `None` is a gap.
+pub fn sparkline(values: &[Option<f64>]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().flatten().cloned().fold(0.0f64, f64::max);
+    values
+        .iter()
+        .map(|v| match v {
+            None => ' ',
+            Some(_) if max <= 0.0 => BARS[0],
+            Some(x) => BARS[((x / max) * 7.0).round().clamp(0.0, 7.0) as usize],
+        })
+        .collect()
+}
+
+fn key_cells(by: Dimension, r: &QueryRow) -> Vec<String> {
+    if r.other == Some(true) {
+        let n = match by {
+            Dimension::Service | Dimension::Backend => 3,
+            Dimension::Client => 1,
+            Dimension::Flow => 4,
+        };
+        let mut v = vec![String::new(); n];
+        v[0] = format!("(other: {} keys)", r.keys.unwrap_or(0));
+        return v;
+    }
+    let z = |a: &Option<String>| match r.zone {
+        Some(z) => format!("{} (zone {z})", opt(a)),
+        None => opt(a),
+    };
+    match by {
+        Dimension::Service => vec![opt(&r.proto), z(&r.dst), opt(&r.dport)],
+        Dimension::Client => vec![z(&r.src)],
+        Dimension::Flow => vec![opt(&r.proto), opt(&r.src), z(&r.dst), opt(&r.dport)],
+        Dimension::Backend => vec![opt(&r.proto), z(&r.backend), opt(&r.backend_port)],
+    }
+}
+
+pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
+    let mut cols: Vec<(&'static str, bool)> = match by {
+        Dimension::Service => vec![("PROTO", false), ("DESTINATION", false), ("PORT", true)],
+        Dimension::Client => vec![("SOURCE", false)],
+        Dimension::Flow => vec![("PROTO", false), ("SOURCE", false), ("DESTINATION", false), ("PORT", true)],
+        Dimension::Backend => vec![("PROTO", false), ("BACKEND", false), ("PORT", true)],
+    };
+    cols.extend([
+        ("NEW", true),
+        ("DESTROYED", true),
+        ("UNREPLIED", true),
+        ("LIVE MAX", true),
+        ("LIVE END", true),
+    ]);
+    if r.step_secs.is_some() {
+        cols.push(("LIVE MAX OVER TIME", false));
+    }
+    let mut t = Table::new(&cols);
+    for row in &r.rows {
+        let mut cells = key_cells(by, row);
+        cells.extend([
+            row.new.to_string(),
+            row.destroyed.to_string(),
+            row.unreplied.to_string(),
+            row.live_max.to_string(),
+            row.live_end.to_string(),
+        ]);
+        if let Some(points) = &row.points {
+            let v: Vec<Option<f64>> = points.iter().map(|p| Some(p.live_max as f64)).collect();
+            cells.push(sparkline(&v));
+        }
+        t.row(cells);
+    }
+    let mut out = format!(
+        "{}s from {} to {} ({}-second buckets{})\n",
+        by,
+        crate::time::local(since),
+        crate::time::local(until),
+        r.resolution_secs,
+        r.step_secs.map(|s| format!(", one point per {s} s")).unwrap_or_default()
+    );
+    if r.rows.is_empty() {
+        out.push_str("(no history in this range)\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out
 }

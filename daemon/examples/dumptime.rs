@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use ctwatchd::conntrack::RequestSocket;
-use ctwatchd::stats::{Tracker, DEFAULT_CAPS};
+use ctwatchd::stats::{Tracker, DEFAULT_CAPS, DEFAULT_WINDOW_KEYS};
 
 fn cpu() -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
             c1.1 - c0.1
         );
     }
-    let mut tr = Tracker::new(DEFAULT_CAPS);
+    let mut tr = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     tr.reserve(req.stats()?.entries as usize);
     let (c0, t) = (cpu(), Instant::now());
     tr.begin_dump();

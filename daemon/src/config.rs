@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::history::writer as hw;
+use crate::history::HistoryConfig;
 use crate::reader::{self, ReaderConfig};
 use crate::server::{self, ServerConfig};
 use crate::stats::{Caps, DEFAULT_CAPS};
@@ -50,6 +52,21 @@ struct FileConfig {
     netlink: NetlinkSection,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    history: HistorySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistorySection {
+    enabled: Option<bool>,
+    bucket_secs: Option<u64>,
+    rollup_secs: Option<u64>,
+    fine_retention_hours: Option<u64>,
+    coarse_retention_days: Option<u64>,
+    keys_per_bucket: Option<u64>,
+    window_keys: Option<u64>,
+    max_disk_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +100,8 @@ pub struct Config {
     pub log_level: String,
     pub reader: ReaderConfig,
     pub server: ServerConfig,
+    /// `None` when `[history] enabled = false`.
+    pub history: Option<HistoryConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +237,42 @@ impl Config {
             ));
         }
         let netns = cli.netns.clone().or(f.netns);
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .or(f.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let h = &f.history;
+        let bucket_secs = positive("history.bucket_secs", h.bucket_secs, hw::DEFAULT_BUCKET_SECS)?;
+        let rollup_secs = positive("history.rollup_secs", h.rollup_secs, hw::DEFAULT_ROLLUP_SECS)?;
+        if rollup_secs % bucket_secs != 0 {
+            return Err(bad("history.rollup_secs", "must be a multiple of bucket_secs"));
+        }
+        let history = HistoryConfig {
+            path: state_dir.join("history"),
+            bucket_secs,
+            rollup_secs,
+            fine_retention_secs: 3600
+                * positive(
+                    "history.fine_retention_hours",
+                    h.fine_retention_hours,
+                    hw::DEFAULT_FINE_RETENTION_SECS / 3600,
+                )?,
+            coarse_retention_secs: 86400
+                * positive(
+                    "history.coarse_retention_days",
+                    h.coarse_retention_days,
+                    hw::DEFAULT_COARSE_RETENTION_SECS / 86400,
+                )?,
+            keys_per_bucket: positive("history.keys_per_bucket", h.keys_per_bucket, hw::DEFAULT_KEYS_PER_BUCKET as u64)?
+                as usize,
+            max_disk_bytes: positive("history.max_disk_mb", h.max_disk_mb, hw::DEFAULT_MAX_DISK_BYTES >> 20)? << 20,
+        };
+        let window_keys = positive(
+            "history.window_keys",
+            h.window_keys,
+            crate::stats::DEFAULT_WINDOW_KEYS as u64,
+        )? as usize;
         let socket = cli
             .socket
             .clone()
@@ -228,11 +283,8 @@ impl Config {
         }
         Ok(Config {
             source,
-            state_dir: cli
-                .state_dir
-                .clone()
-                .or(f.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            state_dir,
+            history: h.enabled.unwrap_or(true).then_some(history),
             log_level,
             reader: ReaderConfig {
                 rcvbuf: rcvbuf as usize,
@@ -254,6 +306,7 @@ impl Config {
                 )?),
                 caps,
                 netns: netns.as_ref().map(|p| p.display().to_string()),
+                window_keys,
             },
             server: ServerConfig {
                 socket,
@@ -328,6 +381,16 @@ mod tests {
         );
         let e = load("log_level = \"loud[\"\n").unwrap_err().to_string();
         assert!(e.contains("log_level"), "{e}");
+    }
+
+    #[test]
+    fn history_section() {
+        let c = load("[history]\nbucket_secs = 2\nrollup_secs = 10\n").unwrap();
+        let h = c.history.unwrap();
+        assert_eq!((h.bucket_secs, h.rollup_secs), (2, 10));
+        assert_eq!(h.fine_retention_secs, 48 * 3600);
+        assert!(load("[history]\nbucket_secs = 7\n").is_err(), "3600 is not a multiple of 7");
+        assert!(load("[history]\nenabled = false\n").unwrap().history.is_none());
     }
 
     #[test]

@@ -25,8 +25,27 @@ pub use config::Config;
 
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // History first: its store opens before anything else can fail or be killed.
+    let history = match config.history.clone() {
+        Some(hcfg) => {
+            if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+                warn!(dir = %config.state_dir.display(), error = %e, "cannot create the state directory");
+            }
+            Some(
+                tokio::task::spawn_blocking(move || history::writer::start(hcfg))
+                    .await
+                    .context("history start panicked")?,
+            )
+        }
+        None => None,
+    };
+    let (history, history_thread) = match history {
+        Some((h, t)) => (Some(h), Some(t)),
+        None => (None, None),
+    };
     let rcfg = config.reader.clone();
-    let (reader, handle) = tokio::task::spawn_blocking(move || reader::Reader::start(rcfg))
+    let rhist = history.clone();
+    let (reader, handle) = tokio::task::spawn_blocking(move || reader::Reader::start(rcfg, rhist))
         .await
         .context("reader start panicked")??;
     let thread = reader.spawn().context("cannot start the reader thread")?;
@@ -52,6 +71,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         server::Ctx {
             reader: handle.clone(),
             netns: config.netns.as_ref().map(|p| p.display().to_string()),
+            history: history.clone(),
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");
@@ -67,6 +87,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     watchdog.abort();
     handle.shutdown();
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    // The reader handed over its last bucket; let the writer finish and flush.
+    if let (Some(h), Some(t)) = (history, history_thread) {
+        let _ = tokio::task::spawn_blocking(move || {
+            h.stop();
+            t.join()
+        })
+        .await;
+    }
     info!("ctwatchd stopped");
     Ok(())
 }

@@ -19,6 +19,8 @@ use tracing::{debug, info, warn};
 
 use crate::conntrack::decode::{decode_conn, ConnKind, NlMsgIter};
 use crate::conntrack::{EventSocket, KernelStats, NetlinkError, Recv, RequestSocket};
+use crate::history::record::TableCounts;
+use crate::history::writer::{Bucket, HistoryHandle};
 use crate::stats::{Caps, Tracker};
 
 /// Tunables of the reader.
@@ -32,6 +34,8 @@ pub struct ReaderConfig {
     pub reconcile_interval: Duration,
     pub caps: Caps,
     pub netns: Option<String>,
+    /// Per-bucket history window cap per dimension (keys with their own activity).
+    pub window_keys: usize,
 }
 
 pub const DEFAULT_RCVBUF: usize = 16 << 20;
@@ -153,12 +157,36 @@ pub struct Reader {
     overrun_pending: Option<(Instant, Instant)>,
     last_dump: DumpInfo,
     kernel: KernelStats,
+    last_stats: Instant,
+    history: Option<HistoryHandle>,
+    bucket: BucketState,
+}
+
+/// The open history bucket's table-level figures.
+#[derive(Default)]
+struct BucketState {
+    start: u64,
+    count_max: u64,
+    /// Totals at the bucket's start, for deltas.
+    kernel0: ctwatch_proto::KernelCounters,
+    new0: u64,
+    destroy0: u64,
+    lost0: u64,
+    overruns0: u64,
+    resyncs0: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Reader {
     /// Opens the sockets, subscribes, and runs the first dump, so that the live picture is
     /// right before anyone can ask. Errors here (missing CAP_NET_ADMIN, no ctnetlink) are fatal.
-    pub fn start(cfg: ReaderConfig) -> Result<(Reader, Handle), NetlinkError> {
+    pub fn start(cfg: ReaderConfig, history: Option<HistoryHandle>) -> Result<(Reader, Handle), NetlinkError> {
         let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf)?;
         let mut requests = RequestSocket::open()?;
         let kernel = requests.stats()?;
@@ -177,7 +205,7 @@ impl Reader {
         let heartbeat = Arc::new(AtomicU64::new(0));
         let rcvbuf_asked = cfg.rcvbuf;
         let mut reader = Reader {
-            tracker: Tracker::new(cfg.caps),
+            tracker: Tracker::new(cfg.caps, cfg.window_keys),
             cfg,
             events,
             requests,
@@ -194,10 +222,14 @@ impl Reader {
             overrun_pending: None,
             last_dump: DumpInfo::default(),
             kernel,
+            last_stats: Instant::now(),
+            history,
+            bucket: BucketState::default(),
         };
         reader.rcvbuf_asked = rcvbuf_asked;
         reader.tracker.reserve(kernel.entries as usize);
         reader.dump("startup")?;
+        reader.open_bucket(unix_now());
         let handle = Handle {
             tx,
             wake,
@@ -255,7 +287,7 @@ impl Reader {
             match decode_conn(&m) {
                 Ok(Some(c)) => match c.kind {
                     ConnKind::New => tracker.on_new(&c, now),
-                    ConnKind::Destroy => tracker.on_destroy(&c),
+                    ConnKind::Destroy => tracker.on_destroy(&c, now),
                     ConnKind::Update | ConnKind::Dump => {}
                 },
                 Ok(None) => {}
@@ -340,9 +372,61 @@ impl Reader {
             .is_none_or(|at| now.duration_since(at) >= every)
     }
 
+    fn open_bucket(&mut self, now: u64) {
+        let secs = self.history.as_ref().map(|h| h.cfg.bucket_secs).unwrap_or(60);
+        let c = self.tracker.counters;
+        self.bucket = BucketState {
+            start: now - now % secs,
+            count_max: self.kernel.entries,
+            kernel0: self.kernel.counters,
+            new0: c.new,
+            destroy0: c.destroy,
+            lost0: self.events.drops().unwrap_or(0),
+            overruns0: self.overruns,
+            resyncs0: self.resyncs,
+        };
+    }
+
+    /// Closes the open bucket, hands it to the history writer, and opens the next.
+    fn close_bucket(&mut self, now: u64) {
+        let Some(h) = self.history.clone() else { return };
+        self.refresh_kernel_stats();
+        let b = &self.bucket;
+        let k = &self.kernel.counters;
+        let c = self.tracker.counters;
+        let table = TableCounts {
+            count_end: self.kernel.entries,
+            count_max: b.count_max.max(self.kernel.entries),
+            max: self.kernel.max,
+            new: c.new - b.new0,
+            destroy: c.destroy - b.destroy0,
+            lost: self.events.drops().unwrap_or(0).saturating_sub(b.lost0),
+            overruns: self.overruns - b.overruns0,
+            resyncs: self.resyncs - b.resyncs0,
+            drop: k.drop.saturating_sub(b.kernel0.drop),
+            early_drop: k.early_drop.saturating_sub(b.kernel0.early_drop),
+            insert_failed: k.insert_failed.saturating_sub(b.kernel0.insert_failed),
+            clash_resolve: k.clash_resolve.saturating_sub(b.kernel0.clash_resolve),
+        };
+        let start = b.start;
+        let dims = self.tracker.close_bucket(h.cfg.keys_per_bucket);
+        h.submit(Bucket { start, dims, table });
+        self.open_bucket(now);
+    }
+
+    fn bucket_due(&self, now: u64) -> bool {
+        self.history
+            .as_ref()
+            .is_some_and(|h| now >= self.bucket.start + h.cfg.bucket_secs)
+    }
+
     fn refresh_kernel_stats(&mut self) {
         match self.requests.stats() {
-            Ok(s) => self.kernel = s,
+            Ok(s) => {
+                self.kernel = s;
+                self.bucket.count_max = self.bucket.count_max.max(s.entries);
+                self.last_stats = Instant::now();
+            }
             Err(e) => warn!(error = %e, "cannot read kernel conntrack statistics"),
         }
     }
@@ -458,6 +542,13 @@ impl Reader {
                 break;
             }
             let now = Instant::now();
+            if now.duration_since(self.last_stats) >= Duration::from_secs(1) {
+                self.refresh_kernel_stats();
+            }
+            let wall = unix_now();
+            if self.bucket_due(wall) {
+                self.close_bucket(wall);
+            }
             if self.resync_due(now) {
                 self.overrun_pending = None;
                 self.resyncs += 1;
@@ -480,6 +571,8 @@ impl Reader {
                 self.wait(timeout);
             }
         }
+        // The open bucket goes to the store too: a clean stop loses nothing.
+        self.close_bucket(unix_now());
         info!("reader stopped");
     }
 

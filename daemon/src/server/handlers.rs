@@ -2,8 +2,9 @@
 //! parameters checked field by field so that a bad one is named in `InvalidParameter`.
 
 use ctwatch_proto::{
-    errors, parse_proto, Dimension, Reply, Request, TopParams, DEFAULT_TOP_LIMIT, INTERFACE,
-    INTERFACE_DESCRIPTION, MAX_TOP_LIMIT, SERVICE_DESCRIPTION, SERVICE_INTERFACE,
+    errors, parse_proto, Cidr, Dimension, QueryParams, QueryReply, Reply, Request, TopParams,
+    DEFAULT_QUERY_TOP, DEFAULT_TOP_LIMIT, INTERFACE, INTERFACE_DESCRIPTION, MAX_TOP_LIMIT,
+    SERVICE_DESCRIPTION, SERVICE_INTERFACE,
 };
 use serde_json::{json, Map, Value};
 
@@ -60,27 +61,80 @@ impl Params {
     }
 }
 
-fn top_params(p: &mut Params) -> Result<TopParams, BadParam> {
+/// by, proto and port: the key filters `Top` and `Query` share.
+fn key_params(p: &mut Params) -> Result<(Dimension, Option<u8>, Option<u16>), BadParam> {
     let by = match p.opt_str("by")? {
         None => Dimension::Service,
         Some(s) => s.parse().map_err(|_| BadParam("by".into()))?,
-    };
-    let limit = match p.opt_uint("limit", MAX_TOP_LIMIT as u64)? {
-        None => DEFAULT_TOP_LIMIT,
-        Some(0) => return Err(BadParam("limit".into())),
-        Some(n) => n as usize,
     };
     let proto = match p.opt_str("proto")? {
         None => None,
         Some(s) => Some(parse_proto(&s).ok_or(BadParam("proto".into()))?),
     };
     let port = p.opt_uint("port", u16::MAX as u64)?.map(|n| n as u16);
+    Ok((by, proto, port))
+}
+
+fn top_params(p: &mut Params) -> Result<TopParams, BadParam> {
+    let (by, proto, port) = key_params(p)?;
+    let limit = match p.opt_uint("limit", MAX_TOP_LIMIT as u64)? {
+        None => DEFAULT_TOP_LIMIT,
+        Some(0) => return Err(BadParam("limit".into())),
+        Some(n) => n as usize,
+    };
     Ok(TopParams {
         by,
         limit,
         proto,
         port,
     })
+}
+
+fn opt_cidr(p: &mut Params, name: &'static str) -> Result<Option<Cidr>, BadParam> {
+    match p.opt_str(name)? {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|_| BadParam(name.into())),
+    }
+}
+
+fn query_params(p: &mut Params, now: u64) -> Result<QueryParams, BadParam> {
+    let since = p
+        .opt_uint("since", u64::MAX / 2)?
+        .ok_or(BadParam("since".into()))?;
+    let until = p.opt_uint("until", u64::MAX / 2)?.unwrap_or(now);
+    if until <= since {
+        return Err(BadParam("until".into()));
+    }
+    let (by, proto, port) = key_params(p)?;
+    let qtop = match p.opt_uint("top", MAX_TOP_LIMIT as u64)? {
+        None => DEFAULT_QUERY_TOP,
+        Some(0) => return Err(BadParam("top".into())),
+        Some(n) => n as usize,
+    };
+    let step = p.opt_uint("step", u64::MAX / 2)?;
+    if let Some(s) = step {
+        if s == 0 || (until - since).div_ceil(s) > crate::history::query::MAX_POINTS {
+            return Err(BadParam("step".into()));
+        }
+    }
+    Ok(QueryParams {
+        since,
+        until,
+        by,
+        proto,
+        port,
+        src: opt_cidr(p, "src")?,
+        dst: opt_cidr(p, "dst")?,
+        top: qtop,
+        step,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn unavailable(e: Unavailable) -> Reply {
@@ -101,12 +155,13 @@ enum Route {
     GetInterfaceDescription,
     Status,
     Top,
+    Query,
 }
 
 impl Route {
     /// Every route of `io.ctwatch`, for the test that keeps the IDL and this table in step.
     #[cfg(test)]
-    const CTWATCH: &'static [Route] = &[Route::Status, Route::Top];
+    const CTWATCH: &'static [Route] = &[Route::Status, Route::Top, Route::Query];
 
     fn find(interface: &str, method: &str) -> Result<Route, Reply> {
         match (interface, method) {
@@ -114,6 +169,7 @@ impl Route {
             (SERVICE_INTERFACE, "GetInterfaceDescription") => Ok(Route::GetInterfaceDescription),
             (INTERFACE, "Status") => Ok(Route::Status),
             (INTERFACE, "Top") => Ok(Route::Top),
+            (INTERFACE, "Query") => Ok(Route::Query),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => Err(Reply::error(
                 errors::METHOD_NOT_FOUND,
                 json!({ "method": format!("{interface}.{method}") }),
@@ -154,9 +210,31 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
             match ctx.reader.status().await {
                 Ok(mut s) => {
                     s.netns = ctx.netns.clone();
+                    if let Some(h) = ctx.history.clone() {
+                        let now = unix_now();
+                        if let Ok(hs) = tokio::task::spawn_blocking(move || crate::history::query::status(&h, now)).await {
+                            s.history = hs;
+                        }
+                    }
                     to_reply("status", s)
                 }
                 Err(e) => unavailable(e),
+            }
+        }
+        Route::Query => {
+            let now = unix_now();
+            let q = query_params(p, now)?;
+            p.check_unknown()?;
+            let Some(h) = ctx.history.clone() else {
+                return Ok(Reply::error(
+                    errors::UNAVAILABLE,
+                    json!({ "reason": "history is disabled in the configuration ([history] enabled = false)" }),
+                ));
+            };
+            match tokio::task::spawn_blocking(move || crate::history::query::query(&h, &q, now)).await {
+                Ok(Ok(r)) => to_reply::<QueryReply>("query", r),
+                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
             }
         }
         Route::Top => {
@@ -237,5 +315,25 @@ mod tests {
         assert_eq!(bad(json!({"port": 70000})), "port");
         assert_eq!(bad(json!({"proto": "tcpx"})), "proto");
         assert_eq!(bad(json!({"colour": "red"})), "colour");
+    }
+
+    #[test]
+    fn query_parameters_are_checked_by_name() {
+        let run = |v: Value| {
+            let mut p = params(v);
+            query_params(&mut p, 10_000).and_then(|q| p.check_unknown().map(|_| q))
+        };
+        let q = run(json!({"since": 1000, "by": "flow", "src": "10.0.0.0/8", "step": 60})).ok().unwrap();
+        assert_eq!((q.since, q.until, q.by, q.step, q.top), (1000, 10_000, Dimension::Flow, Some(60), DEFAULT_QUERY_TOP));
+        let name = |v: Value| match run(v) {
+            Err(BadParam(n)) => n,
+            Ok(_) => "accepted".into(),
+        };
+        assert_eq!(name(json!({})), "since");
+        assert_eq!(name(json!({"since": 5000, "until": 4000})), "until");
+        assert_eq!(name(json!({"since": 1000, "src": "10.0.0.0/40"})), "src");
+        assert_eq!(name(json!({"since": 1000, "step": 0})), "step");
+        assert_eq!(name(json!({"since": 0, "until": 10_001, "step": 1})), "step", "too many points");
+        assert_eq!(name(json!({"since": 1000, "limit": 5})), "limit", "Top's limit is not Query's");
     }
 }

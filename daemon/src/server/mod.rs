@@ -136,6 +136,7 @@ pub fn bind(cfg: &ServerConfig, gid: Option<libc::gid_t>) -> Result<UnixListener
 pub struct Ctx {
     pub reader: Handle,
     pub netns: Option<String>,
+    pub history: Option<crate::history::HistoryHandle>,
 }
 
 pub struct Server {

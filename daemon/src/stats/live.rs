@@ -17,7 +17,9 @@ use ctwatch_proto::{proto_name, Dimension, TopEntry, TopParams, TopReply};
 
 use super::keys::{addr_string, family_name, BackendKey, ClientKey, FlowKey, ServiceKey};
 use super::table::{Table, OTHER};
-use crate::conntrack::decode::{Conn, Tuple};
+use super::window::{Act, Window};
+use crate::conntrack::decode::{status, Conn, Tuple};
+use crate::history::record::{lifetime_bin, Counts, HistKey};
 
 /// Caps on tracked keys per dimension. Beyond a cap, keys fold into `(other)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,9 +160,21 @@ impl Keys {
     }
 }
 
+/// Activity per key in the open history bucket, one window per dimension.
+struct Windows {
+    service: Window<ServiceKey>,
+    client: Window<ClientKey>,
+    flow: Window<FlowKey>,
+    backend: Window<BackendKey>,
+}
+
+/// Most keys per dimension with activity of their own in one open bucket.
+pub const DEFAULT_WINDOW_KEYS: usize = 16_384;
+
 pub struct Tracker {
     mirror: HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>,
     keys: Keys,
+    windows: Windows,
     /// Seed for the check half of the mirror key (fixed per process).
     check: foldhash::fast::FixedState,
     /// Current dump generation's mark bit.
@@ -170,7 +184,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(caps: Caps) -> Self {
+    pub fn new(caps: Caps, window_keys: usize) -> Self {
         Tracker {
             mirror: HashMap::default(),
             keys: Keys {
@@ -178,6 +192,12 @@ impl Tracker {
                 clients: Table::new(caps.clients),
                 flows: Table::new(caps.flows),
                 backends: Table::new(caps.backends),
+            },
+            windows: Windows {
+                service: Window::new(window_keys),
+                client: Window::new(window_keys),
+                flow: Window::new(window_keys),
+                backend: Window::new(window_keys),
             },
             check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
             parity: 0,
@@ -231,12 +251,16 @@ impl Tracker {
                     backend,
                     meta: self.parity | (now_secs & BORN_MASK),
                 });
+                touch(&self.keys, &mut self.windows, flow, backend, |a, live| {
+                    a.new += 1;
+                    a.live_max = a.live_max.max(live);
+                });
             }
         }
     }
 
     /// A DESTROY event. Only entries that were counted are uncounted.
-    pub fn on_destroy(&mut self, c: &Conn) {
+    pub fn on_destroy(&mut self, c: &Conn, now_secs: u32) {
         self.counters.destroy += 1;
         let key = self.key(c.id, &c.orig);
         match self.mirror.remove(&key) {
@@ -244,10 +268,90 @@ impl Tracker {
                 if e.meta & ORPHAN != 0 {
                     self.orphans -= 1;
                 }
+                let unreplied = c.status & status::SEEN_REPLY == 0;
+                let assured = c.status & status::ASSURED != 0;
+                let (mut bytes, mut packets) = (0, 0);
+                for k in [c.counters_orig, c.counters_reply].into_iter().flatten() {
+                    bytes += k.bytes;
+                    packets += k.packets;
+                }
+                // Kernel timestamps when on; else the NEW we saw (not for entries from a dump).
+                let lifetime = match (c.ts_start, c.ts_stop) {
+                    (Some(a), Some(b)) if b >= a => Some((b - a) / 1_000_000_000),
+                    _ if e.meta & ORPHAN == 0 => {
+                        Some(now_secs.wrapping_sub(e.meta & BORN_MASK) as u64 & BORN_MASK as u64)
+                    }
+                    _ => None,
+                };
+                touch(&self.keys, &mut self.windows, e.flow, e.backend, |a, live| {
+                    a.destroyed += 1;
+                    a.unreplied += unreplied as u32;
+                    a.assured += assured as u32;
+                    a.bytes += bytes;
+                    a.packets += packets;
+                    a.live_max = a.live_max.max(live);
+                    if let Some(l) = lifetime {
+                        a.lifetime[lifetime_bin(l)] += 1;
+                    }
+                });
                 self.keys.release(&e);
             }
             None => self.counters.destroy_unknown += 1,
         }
+    }
+
+    /// Closes the open history bucket: per dimension, the `keep` keys with the most live
+    /// entries (then the most new ones), each with its activity and live count now, and one
+    /// `(other)` row folding the rest. Order: service, client, flow, backend.
+    pub fn close_bucket(&mut self, keep: usize) -> [Vec<(HistKey, Counts)>; 4] {
+        let k = &self.keys;
+        let w = &mut self.windows;
+        [
+            close_dim(&mut w.service, &k.services, keep, |s| {
+                Some(HistKey {
+                    family: s.family,
+                    proto: s.proto,
+                    port: s.dport,
+                    zone: s.zone,
+                    a: [0; 16],
+                    b: s.dst,
+                    other: false,
+                })
+            }),
+            close_dim(&mut w.client, &k.clients, keep, |c| {
+                Some(HistKey {
+                    family: c.family,
+                    proto: 0,
+                    port: 0,
+                    zone: c.zone,
+                    a: c.src,
+                    b: [0; 16],
+                    other: false,
+                })
+            }),
+            close_dim(&mut w.flow, &k.flows, keep, |f| {
+                (!f.folded).then_some(HistKey {
+                    family: f.service.family,
+                    proto: f.service.proto,
+                    port: f.service.dport,
+                    zone: f.service.zone,
+                    a: f.src,
+                    b: f.service.dst,
+                    other: false,
+                })
+            }),
+            close_dim(&mut w.backend, &k.backends, keep, |b| {
+                Some(HistKey {
+                    family: b.family,
+                    proto: b.proto,
+                    port: b.port,
+                    zone: b.zone,
+                    a: b.addr,
+                    b: [0; 16],
+                    other: false,
+                })
+            }),
+        ]
     }
 
     /// Starts a dump generation: entries not seen by `on_dump_entry` before `end_dump` are gone.
@@ -436,6 +540,111 @@ impl Tracker {
             + self.keys.flows.heap_bytes()
             + self.keys.backends.heap_bytes()
     }
+}
+
+/// Applies `f` to the open bucket's activity of every key an entry counts under, with that
+/// key's live count now.
+fn touch(keys: &Keys, w: &mut Windows, flow: u32, backend: u32, mut f: impl FnMut(&mut Act, u32)) {
+    if flow == OTHER {
+        f(&mut w.flow.other, keys.flows.other_live as u32);
+        f(&mut w.service.other, keys.services.other_live as u32);
+        f(&mut w.client.other, keys.clients.other_live as u32);
+    } else {
+        let fs = keys.flows.get(flow);
+        f(w.flow.act(&fs.key), fs.live);
+        let (s, c) = (fs.val.service, fs.val.client);
+        if s == OTHER {
+            f(&mut w.service.other, keys.services.other_live as u32);
+        } else {
+            let ss = keys.services.get(s);
+            f(w.service.act(&ss.key), ss.live);
+        }
+        if c == OTHER {
+            f(&mut w.client.other, keys.clients.other_live as u32);
+        } else {
+            let cs = keys.clients.get(c);
+            f(w.client.act(&cs.key), cs.live);
+        }
+    }
+    if backend == OTHER {
+        f(&mut w.backend.other, keys.backends.other_live as u32);
+    } else if backend != NO_BACKEND {
+        let bs = keys.backends.get(backend);
+        f(w.backend.act(&bs.key), bs.live);
+    }
+}
+
+fn counts_of(a: &Act) -> Counts {
+    let mut c = Counts {
+        new: a.new as u64,
+        destroyed: a.destroyed as u64,
+        unreplied: a.unreplied as u64,
+        assured: a.assured as u64,
+        bytes: a.bytes,
+        packets: a.packets,
+        live_max: a.live_max as u64,
+        ..Default::default()
+    };
+    for (d, s) in c.lifetime.iter_mut().zip(a.lifetime.iter()) {
+        *d = *s as u64;
+    }
+    c
+}
+
+/// One dimension's records for a closing bucket (see `Tracker::close_bucket`).
+fn close_dim<K: std::hash::Hash + Eq + Copy + Ord, V>(
+    w: &mut Window<K>,
+    table: &Table<K, V>,
+    keep: usize,
+    to_key: impl Fn(&K) -> Option<HistKey>,
+) -> Vec<(HistKey, Counts)> {
+    let (acts, other_act, other_keys) = w.take();
+    let mut rows: HashMap<K, Counts, foldhash::fast::RandomState> = HashMap::default();
+    for (k, a) in &acts {
+        rows.insert(*k, counts_of(a));
+    }
+    for (_, slot) in table.iter() {
+        let c = rows.entry(slot.key).or_default();
+        c.live_end = slot.live as u64;
+        c.live_max = c.live_max.max(slot.live as u64);
+    }
+    let mut other = counts_of(&other_act);
+    other.keys = other_keys;
+    other.live_end = table.other_live;
+    other.live_max = other.live_max.max(table.other_live);
+    let mut ranked: Vec<(HistKey, Counts)> = Vec::with_capacity(rows.len().min(keep + 1));
+    let mut folded = Vec::new();
+    for (k, c) in rows {
+        match to_key(&k) {
+            Some(hk) => ranked.push((hk, c)),
+            None => folded.push(c),
+        }
+    }
+    let by_weight = |a: &(HistKey, Counts), b: &(HistKey, Counts)| {
+        (b.1.live_max, b.1.new, b.1.destroyed)
+            .cmp(&(a.1.live_max, a.1.new, a.1.destroyed))
+            .then_with(|| a.0.cmp(&b.0))
+    };
+    if ranked.len() > keep {
+        ranked.select_nth_unstable_by(keep.max(1) - 1, by_weight);
+        for (_, c) in ranked.drain(keep..) {
+            folded.push(Counts { keys: 1, ..c });
+        }
+    }
+    ranked.sort_unstable_by(by_weight);
+    // Folded keys sum; their live_max is a bound, not a sum, since they peaked at other times.
+    let mut live_sum = 0;
+    for c in &folded {
+        live_sum += c.live_end;
+        other.absorb_parallel(c);
+        other.keys += (c.keys == 0) as u64;
+    }
+    other.live_end += live_sum;
+    other.live_max = other.live_max.max(other.live_end);
+    if other != Counts::default() {
+        ranked.push((HistKey::OTHER, other));
+    }
+    ranked
 }
 
 fn nonzero(zone: u16) -> Option<u16> {

@@ -4,5 +4,6 @@
 pub mod keys;
 pub mod live;
 pub mod table;
+pub mod window;
 
-pub use live::{Caps, Tracker, TrackerCounters, DEFAULT_CAPS};
+pub use live::{Caps, Tracker, TrackerCounters, DEFAULT_CAPS, DEFAULT_WINDOW_KEYS};

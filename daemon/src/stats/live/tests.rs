@@ -72,13 +72,13 @@ fn top(t: &Tracker, by: Dimension) -> Vec<(String, u64)> {
 
 #[test]
 fn new_is_idempotent_and_destroy_uncounts_once() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     let c = conn(7, 17, [10, 0, 0, 1], 1000, [10, 0, 0, 53], 53);
     t.on_new(&c, 0);
     t.on_new(&c, 0);
     assert_eq!(t.live(), 1);
-    t.on_destroy(&c);
-    t.on_destroy(&c);
+    t.on_destroy(&c, 0);
+    t.on_destroy(&c, 0);
     assert_eq!(t.live(), 0);
     assert_eq!(t.counters.destroy_unknown, 1);
     assert_eq!(t.key_counts(), (0, 0, 0, 0), "all slots freed");
@@ -86,7 +86,7 @@ fn new_is_idempotent_and_destroy_uncounts_once() {
 
 #[test]
 fn same_id_different_tuple_are_two_entries() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     t.on_new(&conn(7, 6, [10, 0, 0, 1], 1000, [10, 0, 0, 2], 80), 0);
     t.on_new(&conn(7, 6, [10, 0, 0, 1], 1001, [10, 0, 0, 2], 80), 0);
     assert_eq!(t.live(), 2);
@@ -94,7 +94,7 @@ fn same_id_different_tuple_are_two_entries() {
 
 #[test]
 fn ranks_services_clients_flows() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     let mut id = 0;
     for (n, dport) in [(5, 53u16), (3, 80), (1, 443)] {
         for i in 0..n {
@@ -147,7 +147,7 @@ fn ranks_services_clients_flows() {
 
 #[test]
 fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     let a = conn(1, 17, [10, 0, 0, 1], 1, [10, 0, 0, 53], 53);
     let b = conn(2, 17, [10, 0, 0, 1], 2, [10, 0, 0, 53], 53);
     let c = conn(3, 17, [10, 0, 0, 1], 3, [10, 0, 0, 53], 53);
@@ -180,7 +180,7 @@ fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
 
 #[test]
 fn dnat_entries_count_per_backend() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     for (id, backend) in [(1u32, 11u8), (2, 11), (3, 12)] {
         let mut c = conn(id, 6, [10, 0, 0, 1], 1000 + id as u16, [10, 96, 0, 10], 443);
         c.status |= status::DST_NAT;
@@ -207,7 +207,7 @@ fn caps_fold_into_other_and_totals_stay_exact() {
         flows: 5,
         backends: 2,
     };
-    let mut t = Tracker::new(caps);
+    let mut t = Tracker::new(caps, DEFAULT_WINDOW_KEYS);
     let mut all = Vec::new();
     let mut id = 0;
     // A port scan: 50 clients × 10 ports.
@@ -228,7 +228,7 @@ fn caps_fold_into_other_and_totals_stay_exact() {
     let (s, c, f, _) = t.key_counts();
     assert!(s <= 4 && c <= 3 && f <= 5 + 4, "{s} {c} {f}");
     for c in &all {
-        t.on_destroy(c);
+        t.on_destroy(c, 0);
     }
     assert_eq!(t.live(), 0);
     assert_eq!(t.key_counts(), (0, 0, 0, 0));
@@ -239,7 +239,7 @@ fn caps_fold_into_other_and_totals_stay_exact() {
 
 #[test]
 fn ipv6_and_icmp_keys() {
-    let mut t = Tracker::new(DEFAULT_CAPS);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
     let mut c = conn(1, 58, [0; 4], 0, [0; 4], 0);
     c.family = AF_INET6;
     c.orig.src[15] = 1;
