@@ -5,8 +5,6 @@
 //! destroyed entries from the table count before and after a flush, lost events from each
 //! consumer's socket drop counter (ctwatchd reports its own; for conntrack -E, created − seen).
 
-mod load;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ctwatch_tests::support::{target_bin, Daemon, DaemonOpts, Netns};
+use ctwatch_tests::support::{load, target_bin, Daemon, DaemonOpts, Netns};
 use serde_json::Value;
 
 /// Benchmark ctwatchd against conntrack -E (run as root; raises nf_conntrack_max for the run
@@ -265,6 +263,7 @@ fn run_case(kind: Kind, use_ctwatchd: bool, a: &Args, extras: &mut Extras) -> Re
             &ns,
             DaemonOpts {
                 config: String::new(),
+                ..Default::default()
             },
         ))
     } else {

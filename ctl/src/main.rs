@@ -66,20 +66,25 @@ fn run(cli: &Cli) -> Result<()> {
             let now = unix_now();
             let since = time::parse_when(&q.since, now).context("--since")?;
             let until = match &q.until {
-                Some(u) => time::parse_when(u, now).context("--until")?,
-                None => now,
+                Some(u) => Some(time::parse_when(u, now).context("--until")?),
+                None => None,
             };
-            if until <= since {
+            if until.unwrap_or(now) <= since {
                 anyhow::bail!(
                     "--until ({}) is not after --since ({}): nothing to show",
-                    time::local(until),
+                    time::local(until.unwrap_or(now)),
                     time::local(since)
                 );
             }
             if since < 0 {
                 anyhow::bail!("--since is before 1970");
             }
-            let step = q.step.as_deref().map(time::parse_duration).transpose().context("--step")?;
+            let step = q
+                .step
+                .as_deref()
+                .map(time::parse_duration)
+                .transpose()
+                .context("--step")?;
             Some((since, until, step))
         }
         _ => None,
@@ -126,11 +131,17 @@ fn run(cli: &Cli) -> Result<()> {
                 "step": step,
             }));
             let v = client.call("io.ctwatch.Query", p)?;
-            let r: QueryReply = serde_json::from_value(v["query"].clone()).context("unexpected Query reply")?;
+            let r: QueryReply =
+                serde_json::from_value(v["query"].clone()).context("unexpected Query reply")?;
             if cli.json {
                 emit_json(&r.rows)
             } else {
-                emit(&render::query(&r, q.by, since, until))
+                emit(&render::query(
+                    &r,
+                    q.by,
+                    since,
+                    until.unwrap_or_else(unix_now),
+                ))
             }
         }
     }

@@ -147,7 +147,7 @@ pub fn top(r: &TopReply, by: Dimension) -> String {
     let shown: u64 = r.entries.iter().map(|e| e.live).sum();
     let _ = writeln!(
         out,
-        "{} of {} entries in the table shown, by {}",
+        "{} entries shown of {} in the table, by {}",
         shown, r.count, r.by
     );
     out
@@ -219,7 +219,12 @@ pub fn status(s: &StatusReply) -> String {
         let peak = h
             .peak_24h
             .as_ref()
-            .map(|p| format!("  peak 24h: {} entries ({:.2}%) at {}", p.count, p.usage_pct, p.t))
+            .map(|p| {
+                format!(
+                    "  peak 24h: {} entries ({:.2}%) at {}",
+                    p.count, p.usage_pct, p.t
+                )
+            })
             .unwrap_or_default();
         rows.push(("usage 1h", format!("{}{}", sparkline(&h.usage_1h), peak)));
     }
@@ -231,12 +236,18 @@ pub fn status(s: &StatusReply) -> String {
                 h.buckets_written,
                 h.buckets_dropped,
                 h.disk_bytes / 1024,
-                h.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+                h.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
             )
         } else {
             format!(
                 "unavailable{}",
-                h.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                h.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             )
         },
     ));
@@ -314,7 +325,12 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
     let mut cols: Vec<(&'static str, bool)> = match by {
         Dimension::Service => vec![("PROTO", false), ("DESTINATION", false), ("PORT", true)],
         Dimension::Client => vec![("SOURCE", false)],
-        Dimension::Flow => vec![("PROTO", false), ("SOURCE", false), ("DESTINATION", false), ("PORT", true)],
+        Dimension::Flow => vec![
+            ("PROTO", false),
+            ("SOURCE", false),
+            ("DESTINATION", false),
+            ("PORT", true),
+        ],
         Dimension::Backend => vec![("PROTO", false), ("BACKEND", false), ("PORT", true)],
     };
     cols.extend([
@@ -349,7 +365,9 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
         crate::time::local(since),
         crate::time::local(until),
         r.resolution_secs,
-        r.step_secs.map(|s| format!(", one point per {s} s")).unwrap_or_default()
+        r.step_secs
+            .map(|s| format!(", one point per {s} s"))
+            .unwrap_or_default()
     );
     if r.rows.is_empty() {
         out.push_str("(no history in this range)\n");

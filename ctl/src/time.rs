@@ -22,7 +22,9 @@ pub fn parse_duration(s: &str) -> Result<u64> {
             'w' => 7 * 86400,
             _ => bail!("{s:?}: unknown unit {ch:?} (use s, m, h, d or w, as in 90m or 1h30m)"),
         };
-        let n: u64 = num.parse().map_err(|_| anyhow!("{s:?}: a number must come before {ch:?}"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| anyhow!("{s:?}: a number must come before {ch:?}"))?;
         total = total.saturating_add(n.saturating_mul(unit));
         num.clear();
         any = true;
@@ -43,7 +45,12 @@ pub fn parse_when(s: &str, now: i64) -> Result<i64> {
         if let Ok(t) = DateTime::parse_from_rfc3339(s) {
             return Ok(t.timestamp());
         }
-        for fmt in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"] {
+        for fmt in [
+            "%Y-%m-%dT%H:%M:%S",
+            "%Y-%m-%dT%H:%M",
+            "%Y-%m-%d %H:%M:%S",
+            "%Y-%m-%d %H:%M",
+        ] {
             if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
                 return Local
                     .from_local_datetime(&n)
@@ -60,7 +67,9 @@ pub fn parse_when(s: &str, now: i64) -> Result<i64> {
                 .map(|t| t.timestamp())
                 .ok_or_else(|| anyhow!("{s:?} does not exist in the local time zone"));
         }
-        bail!("{s:?}: use a time like 2026-11-25T03:00, 2026-11-25 03:00:00 or 2026-11-25T03:00:00Z");
+        bail!(
+            "{s:?}: use a time like 2026-11-25T03:00, 2026-11-25 03:00:00 or 2026-11-25T03:00:00Z"
+        );
     }
     let d = parse_duration(s)?;
     Ok(now - d as i64)
@@ -95,10 +104,20 @@ mod tests {
     fn times() {
         let now = 1_795_600_000;
         assert_eq!(parse_when("90m", now).unwrap(), now - 5400);
-        assert_eq!(parse_when("2026-11-25T03:00:00Z", now).unwrap(), 1_795_575_600);
-        assert_eq!(parse_when("2026-11-25T04:00:00+01:00", now).unwrap(), 1_795_575_600);
+        assert_eq!(
+            parse_when("2026-11-25T03:00:00Z", now).unwrap(),
+            1_795_575_600
+        );
+        assert_eq!(
+            parse_when("2026-11-25T04:00:00+01:00", now).unwrap(),
+            1_795_575_600
+        );
         let local = parse_when("2026-11-25T03:00", now).unwrap();
-        let offset = Local.timestamp_opt(local, 0).unwrap().offset().local_minus_utc() as i64;
+        let offset = Local
+            .timestamp_opt(local, 0)
+            .unwrap()
+            .offset()
+            .local_minus_utc() as i64;
         assert_eq!(local + offset, 1_795_575_600, "naive times are local");
         assert!(parse_when("2026-13-45T03:00", now).is_err());
         assert!(parse_when("yesterday", now).is_err());

@@ -243,10 +243,21 @@ impl Config {
             .or(f.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let h = &f.history;
-        let bucket_secs = positive("history.bucket_secs", h.bucket_secs, hw::DEFAULT_BUCKET_SECS)?;
-        let rollup_secs = positive("history.rollup_secs", h.rollup_secs, hw::DEFAULT_ROLLUP_SECS)?;
+        let bucket_secs = positive(
+            "history.bucket_secs",
+            h.bucket_secs,
+            hw::DEFAULT_BUCKET_SECS,
+        )?;
+        let rollup_secs = positive(
+            "history.rollup_secs",
+            h.rollup_secs,
+            hw::DEFAULT_ROLLUP_SECS,
+        )?;
         if rollup_secs % bucket_secs != 0 {
-            return Err(bad("history.rollup_secs", "must be a multiple of bucket_secs"));
+            return Err(bad(
+                "history.rollup_secs",
+                "must be a multiple of bucket_secs",
+            ));
         }
         let history = HistoryConfig {
             path: state_dir.join("history"),
@@ -264,9 +275,16 @@ impl Config {
                     h.coarse_retention_days,
                     hw::DEFAULT_COARSE_RETENTION_SECS / 86400,
                 )?,
-            keys_per_bucket: positive("history.keys_per_bucket", h.keys_per_bucket, hw::DEFAULT_KEYS_PER_BUCKET as u64)?
-                as usize,
-            max_disk_bytes: positive("history.max_disk_mb", h.max_disk_mb, hw::DEFAULT_MAX_DISK_BYTES >> 20)? << 20,
+            keys_per_bucket: positive(
+                "history.keys_per_bucket",
+                h.keys_per_bucket,
+                hw::DEFAULT_KEYS_PER_BUCKET as u64,
+            )? as usize,
+            max_disk_bytes: positive(
+                "history.max_disk_mb",
+                h.max_disk_mb,
+                hw::DEFAULT_MAX_DISK_BYTES >> 20,
+            )? << 20,
         };
         let window_keys = positive(
             "history.window_keys",
@@ -389,8 +407,14 @@ mod tests {
         let h = c.history.unwrap();
         assert_eq!((h.bucket_secs, h.rollup_secs), (2, 10));
         assert_eq!(h.fine_retention_secs, 48 * 3600);
-        assert!(load("[history]\nbucket_secs = 7\n").is_err(), "3600 is not a multiple of 7");
-        assert!(load("[history]\nenabled = false\n").unwrap().history.is_none());
+        assert!(
+            load("[history]\nbucket_secs = 7\n").is_err(),
+            "3600 is not a multiple of 7"
+        );
+        assert!(load("[history]\nenabled = false\n")
+            .unwrap()
+            .history
+            .is_none());
     }
 
     #[test]

@@ -6,10 +6,10 @@
 
 pub mod config;
 pub mod conntrack;
+pub mod history;
 pub mod notify;
 pub mod reader;
 pub mod server;
-pub mod history;
 pub mod stats;
 pub mod store;
 

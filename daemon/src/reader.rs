@@ -186,7 +186,10 @@ fn unix_now() -> u64 {
 impl Reader {
     /// Opens the sockets, subscribes, and runs the first dump, so that the live picture is
     /// right before anyone can ask. Errors here (missing CAP_NET_ADMIN, no ctnetlink) are fatal.
-    pub fn start(cfg: ReaderConfig, history: Option<HistoryHandle>) -> Result<(Reader, Handle), NetlinkError> {
+    pub fn start(
+        cfg: ReaderConfig,
+        history: Option<HistoryHandle>,
+    ) -> Result<(Reader, Handle), NetlinkError> {
         let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf)?;
         let mut requests = RequestSocket::open()?;
         let kernel = requests.stats()?;
@@ -373,7 +376,11 @@ impl Reader {
     }
 
     fn open_bucket(&mut self, now: u64) {
-        let secs = self.history.as_ref().map(|h| h.cfg.bucket_secs).unwrap_or(60);
+        let secs = self
+            .history
+            .as_ref()
+            .map(|h| h.cfg.bucket_secs)
+            .unwrap_or(60);
         let c = self.tracker.counters;
         self.bucket = BucketState {
             start: now - now % secs,
@@ -389,7 +396,9 @@ impl Reader {
 
     /// Closes the open bucket, hands it to the history writer, and opens the next.
     fn close_bucket(&mut self, now: u64) {
-        let Some(h) = self.history.clone() else { return };
+        let Some(h) = self.history.clone() else {
+            return;
+        };
         self.refresh_kernel_stats();
         let b = &self.bucket;
         let k = &self.kernel.counters;
@@ -571,7 +580,9 @@ impl Reader {
                 self.wait(timeout);
             }
         }
-        // The open bucket goes to the store too: a clean stop loses nothing.
+        // Events already queued count, and the open bucket goes to the store too: a clean
+        // stop loses nothing.
+        while self.drain_events() > 0 {}
         self.close_bucket(unix_now());
         info!("reader stopped");
     }

@@ -35,7 +35,9 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
-    #[error("the history store at {path} has schema {found}, this ctwatchd writes {SCHEMA_VERSION}")]
+    #[error(
+        "the history store at {path} has schema {found}, this ctwatchd writes {SCHEMA_VERSION}"
+    )]
     Schema { path: PathBuf, found: String },
     #[error("cannot move the broken history store {path} aside: {source}")]
     Quarantine {
@@ -68,12 +70,17 @@ fn key(dim: u8, t: u64) -> [u8; 9] {
 
 /// Removes `snap.*.generating` files a kill inside `open()` may have left.
 fn clear_generating(path: &Path) -> usize {
-    let Ok(dir) = std::fs::read_dir(path) else { return 0 };
+    let Ok(dir) = std::fs::read_dir(path) else {
+        return 0;
+    };
     let mut n = 0;
     for e in dir.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") && std::fs::remove_file(e.path()).is_ok() {
+        if name.starts_with("snap.")
+            && name.ends_with(".generating")
+            && std::fs::remove_file(e.path()).is_ok()
+        {
             n += 1;
         }
     }
@@ -98,7 +105,8 @@ impl Store {
         let meta = db.open_tree("meta").map_err(open_err)?;
         match meta.get("schema").map_err(open_err)? {
             None => {
-                meta.insert("schema", &SCHEMA_VERSION.to_be_bytes()).map_err(open_err)?;
+                meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(open_err)?;
                 db.flush().map_err(open_err)?;
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => {}
@@ -157,7 +165,12 @@ impl Store {
     }
 
     /// Writes one bucket's blobs (dimension byte → blob) as one batch, then flushes.
-    pub fn put_bucket(&self, tier: Tier, t: u64, blobs: &[(u8, Vec<u8>)]) -> Result<(), StoreError> {
+    pub fn put_bucket(
+        &self,
+        tier: Tier,
+        t: u64,
+        blobs: &[(u8, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (dim, blob) in blobs {
             batch.insert(&key(*dim, t), blob.as_slice());
@@ -169,13 +182,22 @@ impl Store {
     }
 
     /// Blobs of one dimension with `t0 <= t < t1`, oldest first.
-    pub fn range(&self, tier: Tier, dim: u8, t0: u64, t1: u64) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
+    pub fn range(
+        &self,
+        tier: Tier,
+        dim: u8,
+        t0: u64,
+        t1: u64,
+    ) -> Result<Vec<(u64, sled::IVec)>, StoreError> {
         let mut out = Vec::new();
         if t1 <= t0 {
             return Ok(out);
         }
         for kv in self.tree(tier).range(key(dim, t0)..key(dim, t1)) {
-            let (k, v) = kv.map_err(|source| StoreError::Io { what: "read", source })?;
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                what: "read",
+                source,
+            })?;
             if k.len() == 9 {
                 out.push((u64::from_be_bytes(k[1..9].try_into().unwrap()), v));
             }
@@ -201,17 +223,23 @@ impl Store {
         let mut n = 0;
         for dim in (0u8..4).chain([crate::history::record::TABLE_DIM]) {
             for k in tree.range(key(dim, 0)..key(dim, t)).keys() {
-                let k = k.map_err(|source| StoreError::Io { what: "read", source })?;
+                let k = k.map_err(|source| StoreError::Io {
+                    what: "read",
+                    source,
+                })?;
                 batch.remove(k);
                 n += 1;
             }
         }
         if n > 0 {
-            tree.apply_batch(batch)
-                .map_err(|source| StoreError::Io { what: "delete", source })?;
-            self.db
-                .flush()
-                .map_err(|source| StoreError::Io { what: "flush", source })?;
+            tree.apply_batch(batch).map_err(|source| StoreError::Io {
+                what: "delete",
+                source,
+            })?;
+            self.db.flush().map_err(|source| StoreError::Io {
+                what: "flush",
+                source,
+            })?;
         }
         Ok(n)
     }
@@ -237,7 +265,8 @@ mod tests {
         {
             let s = Store::open(&p).unwrap();
             for t in [60u64, 120, 180] {
-                s.put_bucket(Tier::Fine, t, &[(0, vec![t as u8]), (255, vec![1])]).unwrap();
+                s.put_bucket(Tier::Fine, t, &[(0, vec![t as u8]), (255, vec![1])])
+                    .unwrap();
             }
             let r = s.range(Tier::Fine, 0, 100, 200).unwrap();
             assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![120, 180]);

@@ -371,7 +371,9 @@ impl FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: std::net::IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match l {
             None => max,
@@ -396,7 +398,9 @@ impl Cidr {
     pub fn contains(&self, v6: bool, bytes: &[u8; 16]) -> bool {
         let (net, n): (&[u8], usize) = match (&self.addr, v6) {
             (std::net::IpAddr::V4(a), false) => (&a.octets()[..], 4),
-            (std::net::IpAddr::V6(a), true) => return prefix_eq(&a.octets(), &bytes[..16], self.len),
+            (std::net::IpAddr::V6(a), true) => {
+                return prefix_eq(&a.octets(), &bytes[..16], self.len)
+            }
             _ => return false,
         };
         prefix_eq(net, &bytes[..n], self.len)

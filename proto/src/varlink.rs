@@ -116,7 +116,10 @@ mod tests {
 
     #[test]
     fn idl_scanner_finds_methods() {
-        assert_eq!(idl_methods(INTERFACE_DESCRIPTION), vec!["Status", "Top", "Query"]);
+        assert_eq!(
+            idl_methods(INTERFACE_DESCRIPTION),
+            vec!["Status", "Top", "Query"]
+        );
         assert_eq!(
             idl_methods(SERVICE_DESCRIPTION),
             vec!["GetInfo", "GetInterfaceDescription"]

@@ -143,6 +143,7 @@ fn flows_from_before_the_daemon_fall_when_they_end() {
         &ns,
         DaemonOpts {
             config: "[netlink]\nreconcile_interval_secs = 1\n".into(),
+            ..Default::default()
         },
     );
     let s = status(&d);
@@ -172,6 +173,7 @@ fn flush_converges(rcvbuf: u64) -> Value {
         &ns,
         DaemonOpts {
             config: format!("[netlink]\nrcvbuf_bytes = {rcvbuf}\nrcvbuf_max_bytes = {rcvbuf}\n"),
+            ..Default::default()
         },
     );
     ns.run(|| {

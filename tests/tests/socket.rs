@@ -108,6 +108,7 @@ fn abusive_clients_do_not_stall_the_others() {
         &ns,
         DaemonOpts {
             config: "[limits]\nwrite_timeout_secs = 1\nidle_timeout_secs = 3\n".into(),
+            ..Default::default()
         },
     );
     // 1. Oversized: 1 MiB without a NUL. Answered with an error, then closed.
@@ -279,6 +280,7 @@ fn peer_credentials_decide_who_may_ask() {
         &ns,
         DaemonOpts {
             config: "socket_group = \"nogroup\"\n".into(),
+            ..Default::default()
         },
     );
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -113,10 +113,15 @@ pub fn query(h: &HistoryHandle, p: &QueryParams, now: u64) -> Result<QueryReply,
         total: Counts,
         points: Vec<Counts>,
     }
-    let npoints = p.step.map(|s| (p.until - p.since).div_ceil(s) as usize).unwrap_or(0);
+    let npoints = p
+        .step
+        .map(|s| (p.until - p.since).div_ceil(s) as usize)
+        .unwrap_or(0);
     let mut acc: HashMap<HistKey, Acc> = HashMap::new();
     for (t, blob) in blobs {
-        let Ok(recs) = record::decode_keys(&blob) else { continue };
+        let Ok(recs) = record::decode_keys(&blob) else {
+            continue;
+        };
         for (k, c) in recs {
             if !matches(p, &k) {
                 continue;
@@ -150,7 +155,8 @@ pub fn query(h: &HistoryHandle, p: &QueryParams, now: u64) -> Result<QueryReply,
             reply.rows.push(r);
         } else {
             // Everything not shown goes into one (other) row.
-            let (oc, op) = other.get_or_insert_with(|| (Counts::default(), vec![Counts::default(); npoints]));
+            let (oc, op) =
+                other.get_or_insert_with(|| (Counts::default(), vec![Counts::default(); npoints]));
             let mut c = a.total;
             if !k.other {
                 c.keys = 1;
@@ -197,7 +203,10 @@ pub fn status(h: &HistoryHandle, now: u64) -> HistoryStatus {
         path: Some(h.cfg.path.display().to_string()),
         buckets_written: st.written,
         buckets_dropped: st.dropped,
-        disk_bytes: store.as_ref().map(|s| s.size_on_disk()).unwrap_or(st.disk_bytes),
+        disk_bytes: store
+            .as_ref()
+            .map(|s| s.size_on_disk())
+            .unwrap_or(st.disk_bytes),
         last_error: st.last_error,
         usage_1h: Vec::new(),
         peak_24h: None,
@@ -215,8 +224,14 @@ pub fn status(h: &HistoryHandle, now: u64) -> HistoryStatus {
     let mut usage: Vec<Option<f64>> = vec![None; slots];
     let mut peak: Option<(u64, f64, u64)> = None;
     for (t, blob) in day {
-        let Ok(tc) = record::decode_table(&blob) else { continue };
-        let pct = if tc.max > 0 { tc.count_max as f64 * 100.0 / tc.max as f64 } else { 0.0 };
+        let Ok(tc) = record::decode_table(&blob) else {
+            continue;
+        };
+        let pct = if tc.max > 0 {
+            tc.count_max as f64 * 100.0 / tc.max as f64
+        } else {
+            0.0
+        };
         let pct = (pct * 100.0).round() / 100.0;
         if peak.is_none_or(|p| tc.count_max > p.0) {
             peak = Some((tc.count_max, pct, t));

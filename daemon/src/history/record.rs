@@ -344,7 +344,11 @@ mod tests {
             lifetime: [1, 2, 3, 4, 5, 6, 7, u64::MAX],
             ..Default::default()
         };
-        let recs = vec![(k4, c), (k6, Counts::default()), (HistKey::OTHER, Counts { keys: 7, ..c })];
+        let recs = vec![
+            (k4, c),
+            (k6, Counts::default()),
+            (HistKey::OTHER, Counts { keys: 7, ..c }),
+        ];
         let blob = encode_keys(&recs);
         assert_eq!(decode_keys(&blob).unwrap(), recs);
         for cut in 0..blob.len() {

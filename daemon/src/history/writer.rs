@@ -205,7 +205,11 @@ impl Writer {
                 for (i, recs) in dims.iter_mut().enumerate() {
                     if let Ok(old) = store.range(Tier::Fine, i as u8, b.start, b.start + 1) {
                         if let Some(Ok(old)) = old.first().map(|(_, v)| record::decode_keys(v)) {
-                            *recs = merge_restarted(old, std::mem::take(recs), self.cfg.keys_per_bucket);
+                            *recs = merge_restarted(
+                                old,
+                                std::mem::take(recs),
+                                self.cfg.keys_per_bucket,
+                            );
                         }
                     }
                 }
@@ -248,7 +252,9 @@ impl Writer {
         for dim in 0u8..4 {
             let mut merged: std::collections::BTreeMap<HistKey, Counts> = Default::default();
             for (_, blob) in store.range(Tier::Fine, dim, start, end)? {
-                let Ok(recs) = record::decode_keys(&blob) else { continue };
+                let Ok(recs) = record::decode_keys(&blob) else {
+                    continue;
+                };
                 for (k, c) in recs {
                     merged.entry(k).or_default().absorb_later(&c);
                 }
@@ -274,11 +280,20 @@ impl Writer {
     /// Retention by age, then the disk cap, oldest fine buckets first.
     fn expire(&self, store: &Store, now: u64) -> Result<(), StoreError> {
         store.delete_before(Tier::Fine, now.saturating_sub(self.cfg.fine_retention_secs))?;
-        store.delete_before(Tier::Coarse, now.saturating_sub(self.cfg.coarse_retention_secs))?;
+        store.delete_before(
+            Tier::Coarse,
+            now.saturating_sub(self.cfg.coarse_retention_secs),
+        )?;
         for tier in [Tier::Fine, Tier::Coarse] {
             while store.size_on_disk() > self.cfg.max_disk_bytes {
-                let Some(oldest) = store.oldest(tier) else { break };
-                let step = if tier == Tier::Fine { self.cfg.rollup_secs } else { 86400 };
+                let Some(oldest) = store.oldest(tier) else {
+                    break;
+                };
+                let step = if tier == Tier::Fine {
+                    self.cfg.rollup_secs
+                } else {
+                    86400
+                };
                 warn!(
                     disk_bytes = store.size_on_disk(),
                     cap = self.cfg.max_disk_bytes,
@@ -292,7 +307,11 @@ impl Writer {
 }
 
 /// Merges a bucket written before a restart with the rest of the same bucket.
-fn merge_restarted(old: Vec<(HistKey, Counts)>, new: Vec<(HistKey, Counts)>, keep: usize) -> Vec<(HistKey, Counts)> {
+fn merge_restarted(
+    old: Vec<(HistKey, Counts)>,
+    new: Vec<(HistKey, Counts)>,
+    keep: usize,
+) -> Vec<(HistKey, Counts)> {
     let mut m: std::collections::BTreeMap<HistKey, Counts> = Default::default();
     for (k, c) in old.into_iter().chain(new) {
         m.entry(k).or_default().absorb_later(&c);
@@ -317,7 +336,11 @@ pub fn fold_to(rows: &mut Vec<(HistKey, Counts)>, keep: usize) {
             true
         }
     });
-    rows.sort_by(|a, b| (b.1.live_max, b.1.new).cmp(&(a.1.live_max, a.1.new)).then(a.0.cmp(&b.0)));
+    rows.sort_by(|a, b| {
+        (b.1.live_max, b.1.new)
+            .cmp(&(a.1.live_max, a.1.new))
+            .then(a.0.cmp(&b.0))
+    });
     if rows.len() > keep {
         for (_, c) in rows.drain(keep..) {
             other.absorb_parallel(&c);

@@ -101,7 +101,8 @@ fn query_params(p: &mut Params, now: u64) -> Result<QueryParams, BadParam> {
     let since = p
         .opt_uint("since", u64::MAX / 2)?
         .ok_or(BadParam("since".into()))?;
-    let until = p.opt_uint("until", u64::MAX / 2)?.unwrap_or(now);
+    // Without an end, everything up to now, the open bucket's second included.
+    let until = p.opt_uint("until", u64::MAX / 2)?.unwrap_or(now + 1);
     if until <= since {
         return Err(BadParam("until".into()));
     }
@@ -212,7 +213,11 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
                     s.netns = ctx.netns.clone();
                     if let Some(h) = ctx.history.clone() {
                         let now = unix_now();
-                        if let Ok(hs) = tokio::task::spawn_blocking(move || crate::history::query::status(&h, now)).await {
+                        if let Ok(hs) = tokio::task::spawn_blocking(move || {
+                            crate::history::query::status(&h, now)
+                        })
+                        .await
+                        {
                             s.history = hs;
                         }
                     }
@@ -231,7 +236,9 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
                     json!({ "reason": "history is disabled in the configuration ([history] enabled = false)" }),
                 ));
             };
-            match tokio::task::spawn_blocking(move || crate::history::query::query(&h, &q, now)).await {
+            match tokio::task::spawn_blocking(move || crate::history::query::query(&h, &q, now))
+                .await
+            {
                 Ok(Ok(r)) => to_reply::<QueryReply>("query", r),
                 Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
                 Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
@@ -323,8 +330,13 @@ mod tests {
             let mut p = params(v);
             query_params(&mut p, 10_000).and_then(|q| p.check_unknown().map(|_| q))
         };
-        let q = run(json!({"since": 1000, "by": "flow", "src": "10.0.0.0/8", "step": 60})).ok().unwrap();
-        assert_eq!((q.since, q.until, q.by, q.step, q.top), (1000, 10_000, Dimension::Flow, Some(60), DEFAULT_QUERY_TOP));
+        let q = run(json!({"since": 1000, "by": "flow", "src": "10.0.0.0/8", "step": 60}))
+            .ok()
+            .unwrap();
+        assert_eq!(
+            (q.since, q.until, q.by, q.step, q.top),
+            (1000, 10_001, Dimension::Flow, Some(60), DEFAULT_QUERY_TOP)
+        );
         let name = |v: Value| match run(v) {
             Err(BadParam(n)) => n,
             Ok(_) => "accepted".into(),
@@ -333,7 +345,15 @@ mod tests {
         assert_eq!(name(json!({"since": 5000, "until": 4000})), "until");
         assert_eq!(name(json!({"since": 1000, "src": "10.0.0.0/40"})), "src");
         assert_eq!(name(json!({"since": 1000, "step": 0})), "step");
-        assert_eq!(name(json!({"since": 0, "until": 10_001, "step": 1})), "step", "too many points");
-        assert_eq!(name(json!({"since": 1000, "limit": 5})), "limit", "Top's limit is not Query's");
+        assert_eq!(
+            name(json!({"since": 0, "until": 10_001, "step": 1})),
+            "step",
+            "too many points"
+        );
+        assert_eq!(
+            name(json!({"since": 1000, "limit": 5})),
+            "limit",
+            "Top's limit is not Query's"
+        );
     }
 }

@@ -283,17 +283,23 @@ impl Tracker {
                     }
                     _ => None,
                 };
-                touch(&self.keys, &mut self.windows, e.flow, e.backend, |a, live| {
-                    a.destroyed += 1;
-                    a.unreplied += unreplied as u32;
-                    a.assured += assured as u32;
-                    a.bytes += bytes;
-                    a.packets += packets;
-                    a.live_max = a.live_max.max(live);
-                    if let Some(l) = lifetime {
-                        a.lifetime[lifetime_bin(l)] += 1;
-                    }
-                });
+                touch(
+                    &self.keys,
+                    &mut self.windows,
+                    e.flow,
+                    e.backend,
+                    |a, live| {
+                        a.destroyed += 1;
+                        a.unreplied += unreplied as u32;
+                        a.assured += assured as u32;
+                        a.bytes += bytes;
+                        a.packets += packets;
+                        a.live_max = a.live_max.max(live);
+                        if let Some(l) = lifetime {
+                            a.lifetime[lifetime_bin(l)] += 1;
+                        }
+                    },
+                );
                 self.keys.release(&e);
             }
             None => self.counters.destroy_unknown += 1,
@@ -496,6 +502,9 @@ impl Tracker {
         };
         if rows.len() > limit {
             rows.select_nth_unstable_by(limit - 1, by_live_then_key);
+            // Rows beyond the limit are summed into (other) with the keys folded past the cap,
+            // so that the rows always add up to every matching entry.
+            other += rows[limit..].iter().map(|r| r.0).sum::<u64>();
             rows.truncate(limit);
         }
         rows.sort_unstable_by(by_live_then_key);
@@ -591,60 +600,122 @@ fn counts_of(a: &Act) -> Counts {
     c
 }
 
+/// A candidate row while a bucket closes, ordered by weight (live_max, new, destroyed), then key.
+struct Cand {
+    weight: (u64, u64, u64),
+    key: HistKey,
+    counts: Counts,
+}
+
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        (self.weight, self.key) == (o.weight, o.key)
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Heavier first; among equals, the smaller key first.
+        self.weight
+            .cmp(&o.weight)
+            .then_with(|| o.key.cmp(&self.key))
+    }
+}
+
+/// The `keep` heaviest rows of a closing bucket, kept in a min-heap so that closing a bucket
+/// needs memory for `keep` rows, however many keys are live; the rest fold into `other`.
+struct TopRows {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<Cand>>,
+    keep: usize,
+    other: Counts,
+}
+
+impl TopRows {
+    fn fold(&mut self, c: &Counts, keys: u64) {
+        self.other.absorb_parallel(c);
+        self.other.live_end += c.live_end;
+        self.other.keys += keys;
+    }
+
+    fn offer(&mut self, key: Option<HistKey>, counts: Counts) {
+        let Some(key) = key else {
+            // Rows that are already a fold (per-service folded flows).
+            self.fold(&counts, 1);
+            return;
+        };
+        let weight = (counts.live_max, counts.new, counts.destroyed);
+        self.heap.push(std::cmp::Reverse(Cand {
+            weight,
+            key,
+            counts,
+        }));
+        if self.heap.len() > self.keep {
+            if let Some(std::cmp::Reverse(c)) = self.heap.pop() {
+                self.fold(&c.counts, 1);
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<(HistKey, Counts)> {
+        let mut rows: Vec<(HistKey, Counts)> = self
+            .heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|std::cmp::Reverse(c)| (c.key, c.counts))
+            .collect();
+        let mut other = self.other;
+        other.live_max = other.live_max.max(other.live_end);
+        if other != Counts::default() {
+            rows.push((HistKey::OTHER, other));
+        }
+        rows
+    }
+}
+
 /// One dimension's records for a closing bucket (see `Tracker::close_bucket`).
-fn close_dim<K: std::hash::Hash + Eq + Copy + Ord, V>(
+fn close_dim<K: std::hash::Hash + Eq + Copy, V>(
     w: &mut Window<K>,
     table: &Table<K, V>,
     keep: usize,
     to_key: impl Fn(&K) -> Option<HistKey>,
 ) -> Vec<(HistKey, Counts)> {
     let (acts, other_act, other_keys) = w.take();
-    let mut rows: HashMap<K, Counts, foldhash::fast::RandomState> = HashMap::default();
-    for (k, a) in &acts {
-        rows.insert(*k, counts_of(a));
-    }
-    for (_, slot) in table.iter() {
-        let c = rows.entry(slot.key).or_default();
-        c.live_end = slot.live as u64;
-        c.live_max = c.live_max.max(slot.live as u64);
-    }
-    let mut other = counts_of(&other_act);
-    other.keys = other_keys;
-    other.live_end = table.other_live;
-    other.live_max = other.live_max.max(table.other_live);
-    let mut ranked: Vec<(HistKey, Counts)> = Vec::with_capacity(rows.len().min(keep + 1));
-    let mut folded = Vec::new();
-    for (k, c) in rows {
-        match to_key(&k) {
-            Some(hk) => ranked.push((hk, c)),
-            None => folded.push(c),
-        }
-    }
-    let by_weight = |a: &(HistKey, Counts), b: &(HistKey, Counts)| {
-        (b.1.live_max, b.1.new, b.1.destroyed)
-            .cmp(&(a.1.live_max, a.1.new, a.1.destroyed))
-            .then_with(|| a.0.cmp(&b.0))
+    let mut top = TopRows {
+        heap: std::collections::BinaryHeap::with_capacity(keep + 1),
+        keep: keep.max(1),
+        other: counts_of(&other_act),
     };
-    if ranked.len() > keep {
-        ranked.select_nth_unstable_by(keep.max(1) - 1, by_weight);
-        for (_, c) in ranked.drain(keep..) {
-            folded.push(Counts { keys: 1, ..c });
+    top.other.keys = other_keys;
+    top.other.live_end = table.other_live;
+    // Keys with activity in the bucket, with their live count now.
+    for (k, a) in &acts {
+        let mut c = counts_of(a);
+        if let Some(i) = table.find(k) {
+            let live = table.get(i).live as u64;
+            c.live_end = live;
+            c.live_max = c.live_max.max(live);
         }
+        top.offer(to_key(k), c);
     }
-    ranked.sort_unstable_by(by_weight);
-    // Folded keys sum; their live_max is a bound, not a sum, since they peaked at other times.
-    let mut live_sum = 0;
-    for c in &folded {
-        live_sum += c.live_end;
-        other.absorb_parallel(c);
-        other.keys += (c.keys == 0) as u64;
+    // Keys that were only live.
+    for (_, slot) in table.iter() {
+        if acts.contains_key(&slot.key) {
+            continue;
+        }
+        let live = slot.live as u64;
+        let c = Counts {
+            live_end: live,
+            live_max: live,
+            ..Default::default()
+        };
+        top.offer(to_key(&slot.key), c);
     }
-    other.live_end += live_sum;
-    other.live_max = other.live_max.max(other.live_end);
-    if other != Counts::default() {
-        ranked.push((HistKey::OTHER, other));
-    }
-    ranked
+    top.finish()
 }
 
 fn nonzero(zone: u16) -> Option<u16> {

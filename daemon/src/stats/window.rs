@@ -113,7 +113,10 @@ mod tests {
                 h.add(s.hash_one(i));
             }
             let e = h.estimate() as f64;
-            assert!((e - n as f64).abs() / (n as f64) < 0.15, "n={n} estimate={e}");
+            assert!(
+                (e - n as f64).abs() / (n as f64) < 0.15,
+                "n={n} estimate={e}"
+            );
         }
     }
 

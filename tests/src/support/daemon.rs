@@ -58,6 +58,8 @@ pub fn target_bin(name: &str) -> PathBuf {
 pub struct DaemonOpts {
     /// Extra lines for the config file.
     pub config: String,
+    /// State directory to use (kept across restarts); a fresh one when `None`.
+    pub state_dir: Option<PathBuf>,
 }
 
 pub struct Daemon {
@@ -68,32 +70,47 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(ns: &Netns, opts: DaemonOpts) -> Daemon {
-        let dir = TempDir::new("daemon");
-        let socket = dir.path().join("ctwatchd.sock");
-        let log = dir.path().join("ctwatchd.log");
-        let config = dir.path().join("ctwatchd.toml");
-        std::fs::write(&config, &opts.config).unwrap();
-        let child = Command::new(target_bin("ctwatchd"))
+    /// Starts ctwatchd without waiting for it: the command line `start` uses, logging (appending)
+    /// to `log`.
+    pub fn spawn_raw(ns: &Netns, dir: &Path, state_dir: &Path, config: &str, log: &Path) -> Child {
+        let cfg = dir.join("ctwatchd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(target_bin("ctwatchd"))
             .arg("--netns")
             .arg(ns.path())
             .arg("--socket")
-            .arg(&socket)
+            .arg(dir.join("ctwatchd.sock"))
             .arg("--state-dir")
-            .arg(dir.path())
+            .arg(state_dir)
             .arg("--config")
-            .arg(&config)
+            .arg(&cfg)
             .env(
                 "RUST_LOG",
-                std::env::var("CTWATCH_TEST_LOG").unwrap_or_else(|_| "debug".into()),
+                std::env::var("CTWATCH_TEST_LOG").unwrap_or_else(|_| "debug,sled=info".into()),
             )
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(logf)
             .spawn()
-            .expect("cannot start ctwatchd");
+            .expect("cannot start ctwatchd")
+    }
+
+    pub fn start(ns: &Netns, opts: DaemonOpts) -> Daemon {
+        let dir = TempDir::new("daemon");
+        let socket = dir.path().join("ctwatchd.sock");
+        let log = dir.path().join("ctwatchd.log");
+        let state = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let child = Self::spawn_raw(ns, dir.path(), &state, &opts.config, &log);
         let mut d = Daemon {
             child: Some(child),
             socket,
@@ -143,6 +160,13 @@ impl Daemon {
 
     pub fn json(&self, args: &[&str]) -> Value {
         ctctl_json(&self.socket, args)
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM and wait; returns the exit status.

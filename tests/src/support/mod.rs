@@ -1,6 +1,7 @@
 //! Shared helpers. Everything a test creates is removed in `Drop`, also when it panics.
 
 mod daemon;
+pub mod load;
 mod netns;
 mod traffic;
 

@@ -261,3 +261,89 @@ fn ipv6_and_icmp_keys() {
     );
     assert_eq!(e.family.as_deref(), Some("ipv6"));
 }
+
+#[test]
+fn rows_beyond_the_limit_fold_into_other() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    for port in 1..=10u16 {
+        for i in 0..port {
+            t.on_new(
+                &conn(
+                    port as u32 * 100 + i as u32,
+                    17,
+                    [10, 0, 0, 1],
+                    1000 + i,
+                    [10, 0, 0, 2],
+                    port,
+                ),
+                0,
+            );
+        }
+    }
+    let r = t.top(
+        &TopParams {
+            by: Dimension::Service,
+            limit: 3,
+            ..Default::default()
+        },
+        t.live(),
+    );
+    let lives: Vec<u64> = r.entries.iter().map(|e| e.live).collect();
+    assert_eq!(lives, vec![10, 9, 8, 28]);
+    assert_eq!(r.entries[3].other, Some(true));
+}
+
+#[test]
+fn closing_a_bucket_keeps_the_heaviest_and_folds_the_rest() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    let mut all = Vec::new();
+    for port in 1..=5u16 {
+        for i in 0..port {
+            let c = conn(
+                port as u32 * 100 + i as u32,
+                17,
+                [10, 0, 0, 1],
+                1000 + i,
+                [10, 0, 0, 2],
+                port,
+            );
+            t.on_new(&c, 0);
+            all.push(c);
+        }
+    }
+    // Port 5's entries all end, 2 without a reply.
+    for c in all.iter().filter(|c| c.orig.dport == 5) {
+        let mut d = *c;
+        d.kind = ConnKind::Destroy;
+        if c.id % 2 == 0 {
+            d.status |= status::SEEN_REPLY | status::ASSURED;
+        }
+        t.on_destroy(&d, 42);
+    }
+    let [services, clients, flows, backends] = t.close_bucket(2);
+    let by_port: Vec<(u16, u64, u64, u64, u64)> = services
+        .iter()
+        .map(|(k, c)| (k.port, c.new, c.destroyed, c.live_max, c.live_end))
+        .collect();
+    // Port 5 peaked at 5 live; port 4 has 4 live; the rest fold: 1+2+3 live, 3 keys.
+    assert_eq!(by_port[0], (5, 5, 5, 5, 0));
+    assert_eq!(by_port[1], (4, 4, 0, 4, 4));
+    let (k, other) = &services[2];
+    assert!(k.other);
+    assert_eq!((other.new, other.live_end, other.keys), (6, 6, 3));
+    assert_eq!(services[0].1.unreplied, 2);
+    assert_eq!(services[0].1.assured, 3);
+    assert_eq!(
+        services[0].1.lifetime[super::lifetime_bin(42)],
+        5,
+        "born at 0, died at 42"
+    );
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].1.new, 15);
+    assert!(flows.len() <= 3);
+    assert!(backends.is_empty());
+    // The next bucket starts empty but still sees what is live.
+    let [services, ..] = t.close_bucket(10);
+    assert_eq!(services.iter().map(|(_, c)| c.new).sum::<u64>(), 0);
+    assert_eq!(services.iter().map(|(_, c)| c.live_end).sum::<u64>(), 10);
+}

@@ -1,4 +1,4 @@
-//! Load generators. Each runs its threads inside the benchmark's namespace and stops by itself
+//! High-rate load generators (the benchmark's, and the tests' port scan). Each runs its threads inside the benchmark's namespace and stops by itself
 //! at a quota or a deadline, whichever comes first.
 
 use std::fs::File;
