@@ -33,6 +33,23 @@ pub enum Command {
     Top(TopArgs),
     /// History per key over a time range: totals, or a series with --step.
     Query(QueryArgs),
+    /// Table-full and DNS insert-race incidents, newest first.
+    Incidents(IncidentsArgs),
+    /// One incident, whole: when, how many packets dropped, and who filled the table.
+    Incident(IncidentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    /// Only incidents that started since then: a duration (24h) or a time (2026-11-25T03:00).
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct IncidentArgs {
+    /// The incident's id (see ctctl incidents).
+    pub id: u64,
 }
 
 #[derive(Debug, Args)]

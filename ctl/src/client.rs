@@ -69,6 +69,10 @@ impl Client {
                     "permission denied: ctctl needs root or membership of the `ctwatch` group"
                         .to_string(),
                 errors::UNAVAILABLE => format!("ctwatchd cannot answer now: {}", field("reason")),
+                errors::NO_SUCH_INCIDENT => format!(
+                    "no incident {} (see ctctl incidents)",
+                    p.get("id").cloned().unwrap_or_default()
+                ),
                 other => format!("ctwatchd answered {other}: {p}"),
             });
         }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ctwatch_proto::{QueryReply, StatusReply, TopReply};
+use ctwatch_proto::{Incident, QueryReply, StatusReply, TopReply};
 use serde_json::{json, Map, Value};
 
 use cli::{Cli, Command};
@@ -85,8 +85,40 @@ fn run(cli: &Cli) -> Result<()> {
                 .map(time::parse_duration)
                 .transpose()
                 .context("--step")?;
+            use ctwatch_proto::Dimension as D;
+            let (has_proto, has_src, has_dst) = match q.by {
+                D::Service => (true, false, true),
+                D::Client => (false, true, false),
+                D::Flow => (true, true, true),
+                D::Backend => (true, false, true),
+            };
+            for (given, ok, flag) in [
+                (
+                    q.proto.is_some() || q.port.is_some(),
+                    has_proto,
+                    "--proto/--port",
+                ),
+                (q.src.is_some(), has_src, "--src"),
+                (q.dst.is_some(), has_dst, "--dst"),
+            ] {
+                if given && !ok {
+                    anyhow::bail!(
+                        "{flag} does not apply to --by {}: history keeps no such field for it; use --by flow",
+                        q.by
+                    );
+                }
+            }
             Some((since, until, step))
         }
+        _ => None,
+    };
+    let incidents_since = match &cli.command {
+        Command::Incidents(a) => a
+            .since
+            .as_deref()
+            .map(|s| time::parse_when(s, unix_now()))
+            .transpose()
+            .context("--since")?,
         _ => None,
     };
     let mut client = client::Client::connect(&cli.socket)?;
@@ -142,6 +174,27 @@ fn run(cli: &Cli) -> Result<()> {
                     since,
                     until.unwrap_or_else(unix_now),
                 ))
+            }
+        }
+        Command::Incidents(_) => {
+            let p = params(json!({ "since": incidents_since.map(|t| t.max(0)) }));
+            let v = client.call("io.ctwatch.Incidents", p)?;
+            let list: Vec<Incident> = serde_json::from_value(v["incidents"].clone())
+                .context("unexpected Incidents reply")?;
+            if cli.json {
+                emit_json(&list)
+            } else {
+                emit(&render::incidents(&list))
+            }
+        }
+        Command::Incident(a) => {
+            let v = client.call("io.ctwatch.Incident", params(json!({ "id": a.id })))?;
+            let i: Incident = serde_json::from_value(v["incident"].clone())
+                .context("unexpected Incident reply")?;
+            if cli.json {
+                emit_json(&i)
+            } else {
+                emit(&render::incident(&i))
             }
         }
     }

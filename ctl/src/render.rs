@@ -2,7 +2,9 @@
 
 use std::fmt::Write as _;
 
-use ctwatch_proto::{Dimension, QueryReply, QueryRow, StatusReply, TopEntry, TopReply};
+use ctwatch_proto::{
+    Dimension, Incident, QueryReply, QueryRow, Snapshot, StatusReply, TopEntry, TopReply,
+};
 
 /// Formats rows into columns; numeric columns are right-aligned.
 pub struct Table {
@@ -374,5 +376,137 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
     } else {
         out.push_str(&t.render());
     }
+    out
+}
+
+fn service_label(e: &TopEntry) -> String {
+    if e.other == Some(true) {
+        return "(other)".into();
+    }
+    match (&e.proto, &e.dst, e.dport) {
+        (Some(p), Some(d), Some(port)) if d.contains(':') => format!("{p} [{d}]:{port}"),
+        (Some(p), Some(d), Some(port)) => format!("{p} {d}:{port}"),
+        _ => String::new(),
+    }
+}
+
+pub fn incidents(list: &[Incident]) -> String {
+    if list.is_empty() {
+        return "no incidents\n".into();
+    }
+    let mut t = Table::new(&[
+        ("ID", true),
+        ("KIND", false),
+        ("START", false),
+        ("END", false),
+        ("DROPPED", true),
+        ("PEAK", true),
+        ("TOP SERVICE", false),
+    ]);
+    for i in list {
+        let top = i
+            .top_services
+            .first()
+            .map(|e| format!("{} ({} live)", service_label(e), e.live))
+            .unwrap_or_default();
+        t.row(vec![
+            i.id.to_string(),
+            i.kind.clone(),
+            i.start.clone(),
+            i.end.clone().unwrap_or_else(|| "open".into()),
+            i.dropped.to_string(),
+            pct(i.peak_usage_pct),
+            top,
+        ]);
+    }
+    t.render()
+}
+
+fn snapshot(out: &mut String, title: &str, s: &Snapshot) {
+    let _ = writeln!(
+        out,
+        "\n{title} ({}: {} entries, {:.2}% of the table)",
+        s.t, s.count, s.usage_pct
+    );
+    let section = |out: &mut String, name: &str, rows: &[TopEntry], by: Dimension| {
+        if rows.is_empty() {
+            return;
+        }
+        let mut r = TopReply {
+            by: by.as_str().into(),
+            count: s.count,
+            entries: rows.to_vec(),
+        };
+        r.entries.retain(|_| true);
+        let _ = writeln!(out, "  {name}:");
+        for line in top(&r, by)
+            .lines()
+            .filter(|l| !l.contains("entries shown of"))
+        {
+            let _ = writeln!(out, "    {line}");
+        }
+    };
+    section(
+        out,
+        "services by live entries",
+        &s.top_services,
+        Dimension::Service,
+    );
+    let rate: Vec<String> = s
+        .top_services_by_rate
+        .iter()
+        .map(|e| format!("{} {:.1}/s", service_label(e), e.new_per_sec.unwrap_or(0.0)))
+        .collect();
+    if !rate.is_empty() {
+        let _ = writeln!(
+            out,
+            "  services by new entries per second: {}",
+            rate.join(", ")
+        );
+    }
+    section(
+        out,
+        "clients by live entries",
+        &s.top_clients,
+        Dimension::Client,
+    );
+    section(
+        out,
+        "backends by live entries",
+        &s.top_backends,
+        Dimension::Backend,
+    );
+}
+
+pub fn incident(i: &Incident) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "incident {} ({})  {}", i.id, i.kind, i.summary);
+    let _ = writeln!(
+        out,
+        "when        {} to {} (last signal {})",
+        i.start,
+        i.end.as_deref().unwrap_or("now, still open"),
+        i.last_signal
+    );
+    let _ = writeln!(
+        out,
+        "dropped     {} packets (kernel drop counter); early_drop {}, insert_failed {}, clash_resolve {}",
+        i.dropped, i.early_drop, i.insert_failed, i.clash_resolve
+    );
+    let _ = writeln!(
+        out,
+        "kernel log  {} table-full lines, {} more suppressed by the rate limit",
+        i.kernel_lines, i.suppressed
+    );
+    let _ = writeln!(
+        out,
+        "peak        {} of {} entries ({:.2}%)",
+        i.peak_count, i.max, i.peak_usage_pct
+    );
+    if let Some(ns) = &i.netns {
+        let _ = writeln!(out, "netns       {ns}");
+    }
+    snapshot(&mut out, "when it opened", &i.at_open);
+    snapshot(&mut out, "at its peak", &i.at_peak);
     out
 }

@@ -54,6 +54,17 @@ struct FileConfig {
     limits: LimitsSection,
     #[serde(default)]
     history: HistorySection,
+    #[serde(default)]
+    incidents: IncidentsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncidentsSection {
+    quiet_secs: Option<u64>,
+    thresholds_pct: Option<Vec<f64>>,
+    hysteresis_pct: Option<f64>,
+    kmsg: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +113,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `None` when `[history] enabled = false`.
     pub history: Option<HistoryConfig>,
+    /// Watch /dev/kmsg for table-full lines.
+    pub kmsg: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +299,33 @@ impl Config {
                 hw::DEFAULT_MAX_DISK_BYTES >> 20,
             )? << 20,
         };
+        let inc = &f.incidents;
+        let mut thresholds = inc
+            .thresholds_pct
+            .clone()
+            .unwrap_or_else(|| crate::incidents::DEFAULT_THRESHOLDS.to_vec());
+        if thresholds.iter().any(|t| !(1.0..=100.0).contains(t)) {
+            return Err(bad(
+                "incidents.thresholds_pct",
+                "each threshold must be between 1 and 100",
+            ));
+        }
+        thresholds.sort_by(f64::total_cmp);
+        let hysteresis = inc
+            .hysteresis_pct
+            .unwrap_or(crate::incidents::DEFAULT_HYSTERESIS);
+        if !(0.0..=50.0).contains(&hysteresis) {
+            return Err(bad("incidents.hysteresis_pct", "must be between 0 and 50"));
+        }
+        let incidents = crate::incidents::IncidentConfig {
+            quiet: Duration::from_secs(positive(
+                "incidents.quiet_secs",
+                inc.quiet_secs,
+                crate::incidents::DEFAULT_QUIET.as_secs(),
+            )?),
+            thresholds,
+            hysteresis,
+        };
         let window_keys = positive(
             "history.window_keys",
             h.window_keys,
@@ -303,6 +343,7 @@ impl Config {
             source,
             state_dir,
             history: h.enabled.unwrap_or(true).then_some(history),
+            kmsg: f.incidents.kmsg.unwrap_or(true),
             log_level,
             reader: ReaderConfig {
                 rcvbuf: rcvbuf as usize,
@@ -325,6 +366,7 @@ impl Config {
                 caps,
                 netns: netns.as_ref().map(|p| p.display().to_string()),
                 window_keys,
+                incidents,
             },
             server: ServerConfig {
                 socket,

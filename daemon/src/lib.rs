@@ -7,6 +7,8 @@
 pub mod config;
 pub mod conntrack;
 pub mod history;
+pub mod incidents;
+pub mod kmsg;
 pub mod notify;
 pub mod reader;
 pub mod server;
@@ -43,11 +45,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Some((h, t)) => (Some(h), Some(t)),
         None => (None, None),
     };
+    // The kernel log: opened before the reader so its figures can be reported; read after.
+    let (watcher, kinfo) = if config.kmsg {
+        let state = config
+            .history
+            .as_ref()
+            .map(|_| config.state_dir.join("kmsg.position"));
+        match kmsg::Watcher::open(std::path::Path::new("/dev/kmsg"), state) {
+            Ok(w) => {
+                let stats = w.stats.clone();
+                (
+                    Some(w),
+                    reader::KmsgInfo {
+                        stats: Some(stats),
+                        error: None,
+                    },
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read /dev/kmsg (CAP_SYSLOG?): incidents come from the kernel counters only");
+                (
+                    None,
+                    reader::KmsgInfo {
+                        stats: None,
+                        error: Some(format!("/dev/kmsg: {e}")),
+                    },
+                )
+            }
+        }
+    } else {
+        (None, reader::KmsgInfo::default())
+    };
     let rcfg = config.reader.clone();
     let rhist = history.clone();
-    let (reader, handle) = tokio::task::spawn_blocking(move || reader::Reader::start(rcfg, rhist))
-        .await
-        .context("reader start panicked")??;
+    let (reader, handle) =
+        tokio::task::spawn_blocking(move || reader::Reader::start(rcfg, rhist, kinfo))
+            .await
+            .context("reader start panicked")??;
+    if let Some(w) = watcher {
+        let h = handle.clone();
+        // Blocking reads; the thread ends with the process.
+        std::thread::Builder::new()
+            .name("ct-kmsg".into())
+            .spawn(move || w.run(|ev| h.kmsg(ev)))
+            .context("cannot start the kernel log watcher")?;
+    }
     let thread = reader.spawn().context("cannot start the reader thread")?;
 
     let gid = match config.server.group.as_deref() {

@@ -21,6 +21,8 @@ use crate::conntrack::decode::{decode_conn, ConnKind, NlMsgIter};
 use crate::conntrack::{EventSocket, KernelStats, NetlinkError, Recv, RequestSocket};
 use crate::history::record::TableCounts;
 use crate::history::writer::{Bucket, HistoryHandle};
+use crate::incidents::{self, Engine, IncidentConfig};
+use crate::kmsg::{KmsgEvent, KmsgStats};
 use crate::stats::{Caps, Tracker};
 
 /// Tunables of the reader.
@@ -36,6 +38,14 @@ pub struct ReaderConfig {
     pub netns: Option<String>,
     /// Per-bucket history window cap per dimension (keys with their own activity).
     pub window_keys: usize,
+    pub incidents: IncidentConfig,
+}
+
+/// The kernel log watcher, as the reader reports it.
+#[derive(Clone, Default)]
+pub struct KmsgInfo {
+    pub stats: Option<Arc<KmsgStats>>,
+    pub error: Option<String>,
 }
 
 pub const DEFAULT_RCVBUF: usize = 16 << 20;
@@ -54,6 +64,7 @@ const BATCHES_PER_TURN: usize = 32;
 pub enum Command {
     Status(oneshot::Sender<StatusReply>),
     Top(TopParams, oneshot::Sender<TopReply>),
+    Kmsg(KmsgEvent),
     Shutdown,
 }
 
@@ -96,6 +107,14 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Top(p, tx))?;
         rx.await.map_err(|_| Unavailable::Gone)
+    }
+
+    /// A kernel log event; waits for room (called from the watcher thread). False once the
+    /// reader is gone.
+    pub fn kmsg(&self, ev: KmsgEvent) -> bool {
+        let ok = self.tx.send(Command::Kmsg(ev)).is_ok();
+        eventfd_signal(self.wake.as_raw_fd());
+        ok
     }
 
     pub fn shutdown(&self) {
@@ -160,6 +179,8 @@ pub struct Reader {
     last_stats: Instant,
     history: Option<HistoryHandle>,
     bucket: BucketState,
+    engine: Engine,
+    kmsg: KmsgInfo,
 }
 
 /// The open history bucket's table-level figures.
@@ -176,6 +197,23 @@ struct BucketState {
     resyncs0: u64,
 }
 
+/// What the incident engine reads, from the reader's fields (not the engine's).
+fn incident_ctx<'a>(
+    tracker: &'a Tracker,
+    kernel: &KernelStats,
+    bucket_start: u64,
+) -> incidents::Ctx<'a> {
+    let now = unix_now();
+    incidents::Ctx {
+        tracker,
+        count: kernel.entries,
+        max: kernel.max,
+        counters: kernel.counters,
+        now,
+        window_secs: now.saturating_sub(bucket_start).max(1) as f64,
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -189,6 +227,7 @@ impl Reader {
     pub fn start(
         cfg: ReaderConfig,
         history: Option<HistoryHandle>,
+        kmsg: KmsgInfo,
     ) -> Result<(Reader, Handle), NetlinkError> {
         let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf)?;
         let mut requests = RequestSocket::open()?;
@@ -207,6 +246,11 @@ impl Reader {
         let started = Instant::now();
         let heartbeat = Arc::new(AtomicU64::new(0));
         let rcvbuf_asked = cfg.rcvbuf;
+        let engine = Engine::new(
+            cfg.incidents.clone(),
+            crate::kmsg::own_netns().map(|n| n.to_string()),
+            history.clone(),
+        );
         let mut reader = Reader {
             tracker: Tracker::new(cfg.caps, cfg.window_keys),
             cfg,
@@ -228,6 +272,8 @@ impl Reader {
             last_stats: Instant::now(),
             history,
             bucket: BucketState::default(),
+            engine,
+            kmsg,
         };
         reader.rcvbuf_asked = rcvbuf_asked;
         reader.tracker.reserve(kernel.entries as usize);
@@ -435,6 +481,8 @@ impl Reader {
                 self.kernel = s;
                 self.bucket.count_max = self.bucket.count_max.max(s.entries);
                 self.last_stats = Instant::now();
+                let ctx = incident_ctx(&self.tracker, &self.kernel, self.bucket.start);
+                self.engine.on_stats(&ctx);
             }
             Err(e) => warn!(error = %e, "cannot read kernel conntrack statistics"),
         }
@@ -490,6 +538,31 @@ impl Reader {
             netns: self.cfg.netns.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             history: Default::default(),
+            kmsg: ctwatch_proto::KmsgStatus {
+                enabled: self.kmsg.stats.is_some(),
+                records: self
+                    .kmsg
+                    .stats
+                    .as_ref()
+                    .map_or(0, |k| k.records.load(Ordering::Relaxed)),
+                matched: self
+                    .kmsg
+                    .stats
+                    .as_ref()
+                    .map_or(0, |k| k.matched.load(Ordering::Relaxed)),
+                gaps: self
+                    .kmsg
+                    .stats
+                    .as_ref()
+                    .map_or(0, |k| k.gaps.load(Ordering::Relaxed)),
+                garbage: self
+                    .kmsg
+                    .stats
+                    .as_ref()
+                    .map_or(0, |k| k.garbage.load(Ordering::Relaxed)),
+                error: self.kmsg.error.clone(),
+            },
+            incidents_open: self.engine.open_ids(),
         }
     }
 
@@ -504,6 +577,12 @@ impl Reader {
                 Ok(Command::Top(p, tx)) => {
                     self.refresh_kernel_stats();
                     let _ = tx.send(self.tracker.top(&p, self.kernel.entries));
+                }
+                Ok(Command::Kmsg(ev)) => {
+                    // Counters first, so the incident's baseline predates the drop it reports.
+                    self.refresh_kernel_stats();
+                    let ctx = incident_ctx(&self.tracker, &self.kernel, self.bucket.start);
+                    self.engine.on_kmsg(ev, &ctx);
                 }
                 Ok(Command::Shutdown) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
@@ -583,6 +662,7 @@ impl Reader {
         // Events already queued count, and the open bucket goes to the store too: a clean
         // stop loses nothing.
         while self.drain_events() > 0 {}
+        self.engine.flush();
         self.close_bucket(unix_now());
         info!("reader stopped");
     }

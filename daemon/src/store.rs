@@ -58,6 +58,8 @@ pub struct Store {
     db: sled::Db,
     fine: sled::Tree,
     coarse: sled::Tree,
+    /// Incident id (big-endian) → the incident, as JSON.
+    incidents: sled::Tree,
     path: PathBuf,
 }
 
@@ -119,10 +121,12 @@ impl Store {
         }
         let fine = db.open_tree("fine").map_err(open_err)?;
         let coarse = db.open_tree("coarse").map_err(open_err)?;
+        let incidents = db.open_tree("incidents").map_err(open_err)?;
         Ok(Store {
             db,
             fine,
             coarse,
+            incidents,
             path: path.to_path_buf(),
         })
     }
@@ -240,6 +244,66 @@ impl Store {
                 what: "flush",
                 source,
             })?;
+        }
+        Ok(n)
+    }
+
+    /// Writes (or rewrites) one incident, then flushes.
+    pub fn put_incident(&self, id: u64, blob: &[u8]) -> Result<(), StoreError> {
+        self.incidents
+            .insert(id.to_be_bytes(), blob)
+            .map_err(|source| StoreError::Io {
+                what: "write",
+                source,
+            })?;
+        self.db.flush().map_err(|source| StoreError::Io {
+            what: "flush",
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Every incident kept, oldest first.
+    pub fn incidents(&self) -> Result<Vec<sled::IVec>, StoreError> {
+        self.incidents
+            .iter()
+            .values()
+            .map(|v| {
+                v.map_err(|source| StoreError::Io {
+                    what: "read",
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn incident(&self, id: u64) -> Result<Option<sled::IVec>, StoreError> {
+        self.incidents
+            .get(id.to_be_bytes())
+            .map_err(|source| StoreError::Io {
+                what: "read",
+                source,
+            })
+    }
+
+    /// Deletes incidents that ended before `t` (by the caller's test on each blob).
+    pub fn retain_incidents(
+        &self,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.incidents.iter() {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                what: "read",
+                source,
+            })?;
+            if !keep(&v) {
+                self.incidents.remove(k).map_err(|source| StoreError::Io {
+                    what: "delete",
+                    source,
+                })?;
+                n += 1;
+            }
         }
         Ok(n)
     }

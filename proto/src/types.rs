@@ -75,6 +75,25 @@ pub struct StatusReply {
     pub version: String,
     #[serde(default)]
     pub history: HistoryStatus,
+    #[serde(default)]
+    pub kmsg: KmsgStatus,
+    /// Ids of the incidents open now.
+    #[serde(default)]
+    pub incidents_open: Vec<u64>,
+}
+
+/// The kernel log watcher.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct KmsgStatus {
+    pub enabled: bool,
+    pub records: u64,
+    /// Conntrack lines for the watched namespace.
+    pub matched: u64,
+    /// Records lost before they were read.
+    pub gaps: u64,
+    pub garbage: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The key a ranking groups entries by.
@@ -149,6 +168,9 @@ pub struct TopEntry {
     pub share_pct: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other: Option<bool>,
+    /// New entries per second (in incident snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_per_sec: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -443,4 +465,52 @@ pub struct Peak {
     pub count: u64,
     pub usage_pct: f64,
     pub t: String,
+}
+
+/// The top keys at one moment of an incident.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub t: String,
+    pub count: u64,
+    pub usage_pct: f64,
+    /// By live entries, then by new entries per second (over the open history bucket).
+    pub top_services: Vec<TopEntry>,
+    pub top_services_by_rate: Vec<TopEntry>,
+    pub top_clients: Vec<TopEntry>,
+    pub top_clients_by_rate: Vec<TopEntry>,
+    pub top_backends: Vec<TopEntry>,
+    pub top_backends_by_rate: Vec<TopEntry>,
+}
+
+/// A table-full episode (`table_full`) or a DNS insert race (`insert_race`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Incident {
+    pub id: u64,
+    pub kind: String,
+    pub start: String,
+    /// `None` while the incident is open.
+    pub end: Option<String>,
+    /// The last signal (kernel line or counter rise) seen.
+    pub last_signal: String,
+    /// Packets the kernel dropped (its `drop` counter) since the incident opened.
+    pub dropped: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub clash_resolve: u64,
+    /// Table-full lines in the kernel log, and lines the kernel's rate limit suppressed.
+    pub kernel_lines: u64,
+    pub suppressed: u64,
+    pub peak_count: u64,
+    pub max: u64,
+    pub peak_usage_pct: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The services that filled the table when it opened (for `insert_race`: the UDP/53
+    /// services), by live entries.
+    pub top_services: Vec<TopEntry>,
+    pub at_open: Snapshot,
+    pub at_peak: Snapshot,
+    /// Kernel counters when the incident opened, for the deltas above.
+    pub baseline: KernelCounters,
+    pub summary: String,
 }

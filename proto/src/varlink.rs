@@ -30,6 +30,7 @@ pub mod errors {
     pub const UNAVAILABLE: &str = "io.ctwatch.Unavailable";
     /// ctwatch's own: the message was not a Varlink call (bad JSON, too large, not an object).
     pub const INVALID_REQUEST: &str = "io.ctwatch.InvalidRequest";
+    pub const NO_SUCH_INCIDENT: &str = "io.ctwatch.NoSuchIncident";
 }
 
 /// A method call.
@@ -118,7 +119,7 @@ mod tests {
     fn idl_scanner_finds_methods() {
         assert_eq!(
             idl_methods(INTERFACE_DESCRIPTION),
-            vec!["Status", "Top", "Query"]
+            vec!["Status", "Top", "Query", "Incidents", "Incident"]
         );
         assert_eq!(
             idl_methods(SERVICE_DESCRIPTION),

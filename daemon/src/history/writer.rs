@@ -46,6 +46,7 @@ const REOPEN_AFTER: Duration = Duration::from_secs(5);
 /// What the writer is sent.
 enum Msg {
     Bucket(Bucket),
+    Incident(Box<ctwatch_proto::Incident>),
     /// Write what is queued, then stop.
     Stop,
 }
@@ -83,6 +84,12 @@ impl HistoryHandle {
                 self.stats.lock().unwrap().dropped += 1;
             }
         }
+    }
+
+    /// Hands an incident (new or updated) to the writer. Waits for room: incidents are rare
+    /// and must not be dropped.
+    pub fn save_incident(&self, i: &ctwatch_proto::Incident) {
+        let _ = self.tx.send(Msg::Incident(Box::new(i.clone())));
     }
 
     /// Asks the writer to finish what is queued and stop; waits for room in the queue.
@@ -149,8 +156,12 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(Msg::Bucket(b)) = self.rx.recv() {
-            self.handle(b);
+        loop {
+            match self.rx.recv() {
+                Ok(Msg::Bucket(b)) => self.handle(b),
+                Ok(Msg::Incident(i)) => self.incident(&i),
+                Ok(Msg::Stop) | Err(_) => break,
+            }
         }
         info!("history writer stopped");
     }
@@ -242,6 +253,18 @@ impl Writer {
                 drop(store);
                 self.fail(&e);
             }
+        }
+    }
+
+    fn incident(&mut self, i: &ctwatch_proto::Incident) {
+        let Some(store) = self.current() else {
+            warn!(id = i.id, "history store unavailable: incident not saved");
+            return;
+        };
+        let blob = serde_json::to_vec(i).unwrap_or_default();
+        if let Err(e) = store.put_incident(i.id, &blob) {
+            drop(store);
+            self.fail(&e);
         }
     }
 

@@ -138,6 +138,13 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+fn no_store() -> Reply {
+    Reply::error(
+        errors::UNAVAILABLE,
+        json!({ "reason": "the history store is unavailable (disabled, or failed to open: see ctctl status)" }),
+    )
+}
+
 fn unavailable(e: Unavailable) -> Reply {
     Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() }))
 }
@@ -157,12 +164,20 @@ enum Route {
     Status,
     Top,
     Query,
+    Incidents,
+    Incident,
 }
 
 impl Route {
     /// Every route of `io.ctwatch`, for the test that keeps the IDL and this table in step.
     #[cfg(test)]
-    const CTWATCH: &'static [Route] = &[Route::Status, Route::Top, Route::Query];
+    const CTWATCH: &'static [Route] = &[
+        Route::Status,
+        Route::Top,
+        Route::Query,
+        Route::Incidents,
+        Route::Incident,
+    ];
 
     fn find(interface: &str, method: &str) -> Result<Route, Reply> {
         match (interface, method) {
@@ -171,6 +186,8 @@ impl Route {
             (INTERFACE, "Status") => Ok(Route::Status),
             (INTERFACE, "Top") => Ok(Route::Top),
             (INTERFACE, "Query") => Ok(Route::Query),
+            (INTERFACE, "Incidents") => Ok(Route::Incidents),
+            (INTERFACE, "Incident") => Ok(Route::Incident),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => Err(Reply::error(
                 errors::METHOD_NOT_FOUND,
                 json!({ "method": format!("{interface}.{method}") }),
@@ -240,6 +257,47 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
                 .await
             {
                 Ok(Ok(r)) => to_reply::<QueryReply>("query", r),
+                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+            }
+        }
+        Route::Incidents => {
+            let since = p.opt_uint("since", u64::MAX / 2)?.unwrap_or(0) as i64;
+            p.check_unknown()?;
+            let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
+                return Ok(no_store());
+            };
+            match tokio::task::spawn_blocking(move || store.incidents()).await {
+                Ok(Ok(blobs)) => {
+                    let mut list: Vec<ctwatch_proto::Incident> = blobs
+                        .iter()
+                        .filter_map(|b| serde_json::from_slice(b).ok())
+                        .filter(|i: &ctwatch_proto::Incident| {
+                            chrono::DateTime::parse_from_rfc3339(&i.start)
+                                .is_ok_and(|t| t.timestamp() >= since)
+                        })
+                        .collect();
+                    list.reverse();
+                    to_reply("incidents", list)
+                }
+                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+            }
+        }
+        Route::Incident => {
+            let id = p
+                .opt_uint("id", u64::MAX / 2)?
+                .ok_or(BadParam("id".into()))?;
+            p.check_unknown()?;
+            let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
+                return Ok(no_store());
+            };
+            match tokio::task::spawn_blocking(move || store.incident(id)).await {
+                Ok(Ok(Some(b))) => match serde_json::from_slice::<ctwatch_proto::Incident>(&b) {
+                    Ok(i) => to_reply("incident", i),
+                    Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                },
+                Ok(Ok(None)) => Reply::error(errors::NO_SUCH_INCIDENT, json!({ "id": id })),
                 Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
                 Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
             }

@@ -531,6 +531,61 @@ impl Tracker {
         }
     }
 
+    /// Keys with the most new entries in the open history bucket, with their rate over
+    /// `secs` (the bucket's age) and their live count now.
+    pub fn top_by_new(&self, by: Dimension, n: usize, secs: f64, count: u64) -> Vec<TopEntry> {
+        let secs = secs.max(1.0);
+        let denom = count.max(self.live()).max(1) as f64;
+        fn pick<K: std::hash::Hash + Eq + Copy, V>(
+            w: &Window<K>,
+            t: &Table<K, V>,
+            n: usize,
+            row: impl Fn(&K) -> TopEntry,
+        ) -> Vec<(u32, u64, TopEntry)> {
+            let mut v: Vec<(u32, &K)> = w
+                .map
+                .iter()
+                .filter(|(_, a)| a.new > 0)
+                .map(|(k, a)| (a.new, k))
+                .collect();
+            v.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            v.truncate(n);
+            v.into_iter()
+                .map(|(new, k)| {
+                    let live = t.find(k).map(|i| t.get(i).live as u64).unwrap_or(0);
+                    (new, live, row(k))
+                })
+                .collect()
+        }
+        let k = &self.keys;
+        let w = &self.windows;
+        let rows = match by {
+            Dimension::Service => pick(&w.service, &k.services, n, service_row),
+            Dimension::Client => pick(&w.client, &k.clients, n, client_row),
+            Dimension::Backend => pick(&w.backend, &k.backends, n, |b| TopEntry {
+                proto: Some(proto_name(b.proto)),
+                family: Some(family_name(b.family).into()),
+                backend: Some(addr_string(b.family, &b.addr)),
+                backend_port: Some(b.port),
+                zone: nonzero(b.zone),
+                ..Default::default()
+            }),
+            Dimension::Flow => pick(&w.flow, &k.flows, n, |f| {
+                let mut r = service_row(&f.service);
+                r.src = Some(addr_string(f.service.family, &f.src));
+                r
+            }),
+        };
+        rows.into_iter()
+            .map(|(new, live, mut e)| {
+                e.live = live;
+                e.share_pct = round2(live as f64 * 100.0 / denom);
+                e.new_per_sec = Some(round2(new as f64 / secs));
+                e
+            })
+            .collect()
+    }
+
     /// Tracked keys per dimension: (services, clients, flows, backends).
     pub fn key_counts(&self) -> (usize, usize, usize, usize) {
         (
