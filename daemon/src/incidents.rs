@@ -148,6 +148,11 @@ impl Engine {
         }
     }
 
+    /// The open incidents as they are now (the store may be a few seconds behind).
+    pub fn open_incidents(&self) -> Vec<Incident> {
+        self.open.iter().flatten().map(|o| o.inc.clone()).collect()
+    }
+
     pub fn open_ids(&self) -> Vec<u64> {
         self.open.iter().flatten().map(|o| o.inc.id).collect()
     }
@@ -286,6 +291,8 @@ impl Engine {
                 if let Some(o) = &mut self.open[TABLE_FULL] {
                     o.inc.kernel_lines += 1;
                 }
+                // The kernel rate-limits these lines, so saving on each is cheap.
+                self.save(TABLE_FULL);
             }
             KmsgKind::Suppressed(n) => {
                 // net_ratelimit is shared by all of networking; count it only mid-incident.
@@ -342,10 +349,10 @@ impl Engine {
             o.inc.early_drop = k.early_drop.saturating_sub(b.early_drop);
             o.inc.insert_failed = k.insert_failed.saturating_sub(b.insert_failed);
             o.inc.clash_resolve = k.clash_resolve.saturating_sub(b.clash_resolve);
-            o.inc.max = c.max;
             let mut changed = false;
             if c.count > o.inc.peak_count {
                 o.inc.peak_count = c.count;
+                o.inc.max = c.max;
                 o.inc.peak_usage_pct = pct;
                 changed = true;
             }
@@ -390,11 +397,27 @@ impl Engine {
         self.thresholds(pct, c);
     }
 
+    /// Counters as they were before anything happened (the reader's first reading), so that
+    /// drops in progress at start are measured from a clean baseline.
+    pub fn prime(&mut self, k: KernelCounters) {
+        if self.prev.is_none() {
+            self.prev = Some(k);
+        }
+    }
+
     fn thresholds(&mut self, pct: f64, c: &Ctx) {
+        // One warning for the highest threshold crossed, however many were jumped.
+        let crossed = (0..self.cfg.thresholds.len())
+            .rev()
+            .find(|&i| self.armed[i] && pct >= self.cfg.thresholds[i]);
+        if let Some(hi) = crossed {
+            for i in 0..=hi {
+                self.armed[i] = false;
+            }
+        }
         for i in 0..self.cfg.thresholds.len() {
             let t = self.cfg.thresholds[i];
-            if self.armed[i] && pct >= t {
-                self.armed[i] = false;
+            if crossed == Some(i) {
                 let top = c
                     .tracker
                     .top(
@@ -408,6 +431,7 @@ impl Engine {
                     .entries;
                 let names: Vec<String> = top
                     .iter()
+                    .filter(|e| e.other.is_none())
                     .map(|e| format!("{} ({})", label(e), e.live))
                     .collect();
                 warn!(

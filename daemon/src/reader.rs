@@ -65,6 +65,7 @@ pub enum Command {
     Status(oneshot::Sender<StatusReply>),
     Top(TopParams, oneshot::Sender<TopReply>),
     Kmsg(KmsgEvent),
+    OpenIncidents(oneshot::Sender<Vec<ctwatch_proto::Incident>>),
     Shutdown,
 }
 
@@ -106,6 +107,12 @@ impl Handle {
     pub async fn top(&self, p: TopParams) -> Result<TopReply, Unavailable> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Top(p, tx))?;
+        rx.await.map_err(|_| Unavailable::Gone)
+    }
+
+    pub async fn open_incidents(&self) -> Result<Vec<ctwatch_proto::Incident>, Unavailable> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::OpenIncidents(tx))?;
         rx.await.map_err(|_| Unavailable::Gone)
     }
 
@@ -275,6 +282,7 @@ impl Reader {
             engine,
             kmsg,
         };
+        reader.engine.prime(kernel.counters);
         reader.rcvbuf_asked = rcvbuf_asked;
         reader.tracker.reserve(kernel.entries as usize);
         reader.dump("startup")?;
@@ -583,6 +591,9 @@ impl Reader {
                     self.refresh_kernel_stats();
                     let ctx = incident_ctx(&self.tracker, &self.kernel, self.bucket.start);
                     self.engine.on_kmsg(ev, &ctx);
+                }
+                Ok(Command::OpenIncidents(tx)) => {
+                    let _ = tx.send(self.engine.open_incidents());
                 }
                 Ok(Command::Shutdown) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,

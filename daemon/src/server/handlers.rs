@@ -267,11 +267,14 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
             let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
                 return Ok(no_store());
             };
+            let live = ctx.reader.open_incidents().await.unwrap_or_default();
             match tokio::task::spawn_blocking(move || store.incidents()).await {
                 Ok(Ok(blobs)) => {
                     let mut list: Vec<ctwatch_proto::Incident> = blobs
                         .iter()
-                        .filter_map(|b| serde_json::from_slice(b).ok())
+                        .filter_map(|b| serde_json::from_slice::<ctwatch_proto::Incident>(b).ok())
+                        // Open incidents as the engine has them now, not as last saved.
+                        .map(|i| live.iter().find(|l| l.id == i.id).cloned().unwrap_or(i))
                         .filter(|i: &ctwatch_proto::Incident| {
                             chrono::DateTime::parse_from_rfc3339(&i.start)
                                 .is_ok_and(|t| t.timestamp() >= since)
@@ -292,6 +295,10 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
             let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
                 return Ok(no_store());
             };
+            let live = ctx.reader.open_incidents().await.unwrap_or_default();
+            if let Some(i) = live.into_iter().find(|i| i.id == id) {
+                return Ok(to_reply("incident", i));
+            }
             match tokio::task::spawn_blocking(move || store.incident(id)).await {
                 Ok(Ok(Some(b))) => match serde_json::from_slice::<ctwatch_proto::Incident>(&b) {
                     Ok(i) => to_reply("incident", i),

@@ -548,7 +548,7 @@ impl Tracker {
                 .filter(|(_, a)| a.new > 0)
                 .map(|(k, a)| (a.new, k))
                 .collect();
-            v.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            v.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
             v.truncate(n);
             v.into_iter()
                 .map(|(new, k)| {
