@@ -459,6 +459,36 @@ mod tests {
             .is_none());
     }
 
+    /// The shipped, commented config documents every key with its default: uncommented, it
+    /// must parse and give the same configuration as no file at all.
+    #[test]
+    fn shipped_config_documents_the_defaults() {
+        let text: String = include_str!("../../packaging/ctwatchd.toml")
+            .lines()
+            .filter(|l| !l.starts_with("#netns"))
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.split('=').next().is_some_and(|k| {
+                        !k.trim().is_empty()
+                            && k.trim().chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) && rest.contains(" = ") =>
+                {
+                    rest.to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let p = Path::new("packaging/ctwatchd.toml");
+        let full = Config::merge(&cli(), parse_file(p, &text).unwrap(), Some(p.into())).unwrap();
+        let none = load("").unwrap();
+        assert_eq!(format!("{:?}", full.reader), format!("{:?}", none.reader));
+        assert_eq!(format!("{:?}", full.server), format!("{:?}", none.server));
+        assert_eq!(format!("{:?}", full.history), format!("{:?}", none.history));
+        assert_eq!(full.log_level, none.log_level);
+        assert_eq!(full.kmsg, none.kmsg);
+    }
+
     #[test]
     fn flags_override_the_file() {
         let p = Path::new("/x.toml");
