@@ -455,3 +455,138 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::decode::{status, Conn, ConnKind, Tuple, AF_INET};
+    use crate::stats::{DEFAULT_CAPS, DEFAULT_WINDOW_KEYS};
+
+    fn conn(id: u32, proto: u8, dport: u16) -> Conn {
+        let mut t = Tuple {
+            proto,
+            sport: 1000 + id as u16,
+            dport,
+            ..Default::default()
+        };
+        t.src[..4].copy_from_slice(&[10, 0, 0, 1]);
+        t.dst[..4].copy_from_slice(&[10, 96, 0, 10]);
+        Conn {
+            kind: ConnKind::New,
+            family: AF_INET,
+            orig: t,
+            reply: None,
+            status: status::CONFIRMED,
+            id,
+            zone: 0,
+            mark: None,
+            timeout: None,
+            use_count: None,
+            tcp_state: None,
+            counters_orig: None,
+            counters_reply: None,
+            ts_start: None,
+            ts_stop: None,
+        }
+    }
+
+    fn cfg() -> IncidentConfig {
+        IncidentConfig {
+            quiet: Duration::from_secs(10),
+            thresholds: DEFAULT_THRESHOLDS.to_vec(),
+            hysteresis: DEFAULT_HYSTERESIS,
+        }
+    }
+
+    fn ctx(t: &Tracker, count: u64, max: u64, k: KernelCounters, now: u64) -> Ctx<'_> {
+        Ctx {
+            tracker: t,
+            count,
+            max,
+            counters: k,
+            now,
+            window_secs: 10.0,
+        }
+    }
+
+    #[test]
+    fn drops_open_a_table_full_incident_counted_from_the_last_quiet_poll() {
+        let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..90 {
+            t.on_new(&conn(i, 17, 9999), 0);
+        }
+        for i in 90..100 {
+            t.on_new(&conn(i, 6, 443), 0);
+        }
+        let mut e = Engine::new(cfg(), None, None);
+        let mut k = KernelCounters {
+            drop: 5,
+            ..Default::default()
+        };
+        e.prime(k);
+        e.on_stats(&ctx(&t, 100, 100, k, 1000));
+        assert!(e.open_ids().is_empty(), "old drops are not an incident");
+        k.drop = 17;
+        e.on_stats(&ctx(&t, 100, 100, k, 1001));
+        let open = e.open_incidents();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].kind, "table_full");
+        assert_eq!(open[0].dropped, 12);
+        assert_eq!(open[0].top_services[0].dport, Some(9999));
+        k.drop = 30;
+        e.on_stats(&ctx(&t, 100, 100, k, 1005));
+        assert_eq!(e.open_incidents()[0].dropped, 25);
+        // Quiet for 10 s after the last rise: closed, nothing open.
+        e.on_stats(&ctx(&t, 100, 100, k, 1014));
+        assert_eq!(e.open_ids().len(), 1);
+        e.on_stats(&ctx(&t, 100, 100, k, 1015));
+        assert!(e.open_ids().is_empty());
+        // The next drop is a new incident with the next id.
+        k.drop = 31;
+        e.on_stats(&ctx(&t, 100, 100, k, 1100));
+        assert_eq!(e.open_incidents()[0].id, 2);
+        assert_eq!(e.open_incidents()[0].dropped, 1);
+    }
+
+    #[test]
+    fn insert_races_need_udp_53_churn() {
+        let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..10 {
+            t.on_new(&conn(i, 6, 443), 0);
+        }
+        let mut e = Engine::new(cfg(), None, None);
+        let mut k = KernelCounters::default();
+        e.prime(k);
+        k.insert_failed = 3;
+        e.on_stats(&ctx(&t, 10, 1000, k, 1000));
+        assert!(e.open_ids().is_empty(), "no UDP/53 traffic: not a DNS race");
+        for i in 10..20 {
+            t.on_new(&conn(i, 17, 53), 0);
+        }
+        k.clash_resolve = 2;
+        e.on_stats(&ctx(&t, 20, 1000, k, 1001));
+        let open = e.open_incidents();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].kind, "insert_race");
+        assert_eq!(open[0].top_services[0].dport, Some(53));
+        assert_eq!(open[0].top_services[0].proto.as_deref(), Some("udp"));
+    }
+
+    #[test]
+    fn thresholds_fire_once_and_rearm_below_the_hysteresis() {
+        let t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        let mut e = Engine::new(cfg(), None, None);
+        let k = KernelCounters::default();
+        e.prime(k);
+        e.on_stats(&ctx(&t, 92, 100, k, 1));
+        assert_eq!(e.armed, vec![false, false, true]);
+        e.on_stats(&ctx(&t, 93, 100, k, 2));
+        assert_eq!(e.armed, vec![false, false, true]);
+        e.on_stats(&ctx(&t, 84, 100, k, 3));
+        assert_eq!(e.armed, vec![false, true, true], "90 re-arms below 85");
+        e.on_stats(&ctx(&t, 96, 100, k, 4));
+        assert_eq!(e.armed, vec![false, false, false]);
+        e.on_stats(&ctx(&t, 10, 100, k, 5));
+        assert_eq!(e.armed, vec![true, true, true]);
+    }
+}
