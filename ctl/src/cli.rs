@@ -37,6 +37,23 @@ pub enum Command {
     Incidents(IncidentsArgs),
     /// One incident, whole: when, how many packets dropped, and who filled the table.
     Incident(IncidentArgs),
+    /// Tuning advice from what this node saw, with a sysctl.d snippet; applies nothing.
+    Advise(AdviseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdviseArgs {
+    /// Headroom above the observed peak for nf_conntrack_max, in percent.
+    #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_headroom)]
+    pub headroom: f64,
+}
+
+fn parse_headroom(s: &str) -> Result<f64, String> {
+    s.trim_end_matches('%')
+        .parse::<f64>()
+        .ok()
+        .filter(|h| (0.0..=1000.0).contains(h))
+        .ok_or_else(|| format!("{s:?}: give a percentage from 0 to 1000"))
 }
 
 #[derive(Debug, Args)]

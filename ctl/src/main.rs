@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ctwatch_proto::{Incident, QueryReply, StatusReply, TopReply};
+use ctwatch_proto::{AdviceReply, Incident, QueryReply, StatusReply, TopReply};
 use serde_json::{json, Map, Value};
 
 use cli::{Cli, Command};
@@ -185,6 +185,19 @@ fn run(cli: &Cli) -> Result<()> {
                 emit_json(&list)
             } else {
                 emit(&render::incidents(&list))
+            }
+        }
+        Command::Advise(a) => {
+            let v = client.call(
+                "io.ctwatch.Advise",
+                params(json!({ "headroom_pct": a.headroom })),
+            )?;
+            let r: AdviceReply =
+                serde_json::from_value(v["advice"].clone()).context("unexpected Advise reply")?;
+            if cli.json {
+                emit_json(&r)
+            } else {
+                emit(&render::advice(&r))
             }
         }
         Command::Incident(a) => {

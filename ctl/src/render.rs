@@ -510,3 +510,88 @@ pub fn incident(i: &Incident) -> String {
     snapshot(&mut out, "at its peak", &i.at_peak);
     out
 }
+
+fn bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
+}
+
+pub fn advice(a: &ctwatch_proto::AdviceReply) -> String {
+    let f = &a.facts;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Linux {}, {} RAM, {} per entry; table {} / {} entries, {} buckets; headroom {}%",
+        f.kernel,
+        bytes(f.ram_bytes),
+        f.object_size
+            .map(|o| format!("{o} bytes"))
+            .unwrap_or_else(|| "unknown bytes".into()),
+        f.count,
+        f.max,
+        f.buckets,
+        a.headroom_pct
+    );
+    let list = |v: &[ctwatch_proto::NameCount]| {
+        v.iter()
+            .map(|n| format!("{} {}", n.name, n.count))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "live entries: {}; TCP: {}; UDP: {}",
+        list(&f.by_proto),
+        list(&f.tcp_states),
+        list(&f.udp_states)
+    );
+    if let Some(p) = &f.peak {
+        let _ = writeln!(
+            out,
+            "peak: {} entries ({:.2}%) at {}; history covers {} s",
+            p.count, p.usage_pct, p.t, f.history_secs
+        );
+    }
+    if f.lifetime.iter().any(|&n| n > 0) {
+        let labels = ["<1s", "<10s", "<1m", "<5m", "<30m", "<2h", "<1d", "longer"];
+        let l: Vec<String> = labels
+            .iter()
+            .zip(f.lifetime.iter())
+            .map(|(a, b)| format!("{a} {b}"))
+            .collect();
+        let _ = writeln!(out, "lifetimes of ended entries: {}", l.join(", "));
+    }
+    let _ = writeln!(out, "timeouts: {}", list(&f.timeouts));
+    out.push('\n');
+    for (n, i) in a.items.iter().enumerate() {
+        let when = match i.applies.as_deref() {
+            Some("now") => "  [takes effect at once]",
+            Some(_) => "  [module reload or reboot]",
+            None => "",
+        };
+        let _ = writeln!(out, "{}. {}{when}", n + 1, i.title);
+        let _ = writeln!(out, "   {}", i.reason);
+        if let Some(f) = i.freed_now {
+            let _ = writeln!(out, "   frees {f} entries now");
+        }
+    }
+    if !a.notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in &a.notes {
+            let _ = writeln!(out, "  - {n}");
+        }
+    }
+    if !a.sysctl_d.is_empty() {
+        out.push('\n');
+        out.push_str(&a.sysctl_d);
+    }
+    if !a.modprobe_d.is_empty() {
+        out.push('\n');
+        out.push_str(&a.modprobe_d);
+    }
+    out.push_str("\n(nothing was changed: ctctl advise only advises)\n");
+    out
+}

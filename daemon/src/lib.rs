@@ -4,6 +4,7 @@
 //! and the Varlink server that answers `ctctl`. `main.rs` only parses flags, sets up logging,
 //! enters the network namespace and calls `run`.
 
+pub mod advise;
 pub mod config;
 pub mod conntrack;
 pub mod history;

@@ -503,6 +503,7 @@ impl Reader {
         let acct = sysctl("nf_conntrack_acct").unwrap_or(0) != 0;
         let tstamp = sysctl("nf_conntrack_timestamp").unwrap_or(0) != 0;
         let c = self.tracker.counters;
+        let obj = crate::advise::slab_object_size();
         StatusReply {
             count: k.entries,
             max: k.max,
@@ -571,6 +572,9 @@ impl Reader {
                 error: self.kmsg.error.clone(),
             },
             incidents_open: self.engine.open_ids(),
+            object_size: obj,
+            memory_bytes: obj.map(|o| o * k.entries),
+            max_memory_bytes: obj.map(|o| o * k.max),
         }
     }
 

@@ -80,6 +80,14 @@ pub struct StatusReply {
     /// Ids of the incidents open now.
     #[serde(default)]
     pub incidents_open: Vec<u64>,
+    /// Size of one `nf_conntrack` slab object (/proc/slabinfo), and what the table costs the
+    /// kernel now and when full (entries × object size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
 }
 
 /// The kernel log watcher.
@@ -514,3 +522,76 @@ pub struct Incident {
     pub baseline: KernelCounters,
     pub summary: String,
 }
+
+/// One piece of tuning advice.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AdviceItem {
+    /// Stable identifier: `max`, `buckets`, `tcp_timeout_established`, `tcp_timeout_time_wait`,
+    /// `tcp_timeout_close_wait`, `udp_timeout`, `dominant_services`.
+    pub id: String,
+    pub title: String,
+    /// Why, with the numbers it rests on.
+    pub reason: String,
+    /// The setting (sysctl or module parameter), if the advice changes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setting: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposed: Option<u64>,
+    /// Entries that would already have expired under the proposed timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_now: Option<u64>,
+    /// Kernel memory the proposed value can cost, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// `now` (sysctl, takes effect at once), or `module load` (reboot or module reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applies: Option<String>,
+}
+
+/// What the advice rests on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AdviceFacts {
+    pub kernel: String,
+    pub ram_bytes: u64,
+    /// Size of one `nf_conntrack` slab object, from /proc/slabinfo (None: not readable).
+    pub object_size: Option<u64>,
+    pub count: u64,
+    pub max: u64,
+    pub buckets: u64,
+    pub peak: Option<Peak>,
+    /// How far back the history behind `peak` reaches, in seconds.
+    pub history_secs: u64,
+    /// Live entries per protocol, and TCP entries per state (UDP: `unreplied`/`replied`).
+    pub by_proto: Vec<NameCount>,
+    pub tcp_states: Vec<NameCount>,
+    pub udp_states: Vec<NameCount>,
+    /// Lifetimes of entries destroyed over the history kept: <1s, <10s, <1m, <5m, <30m, <2h, <1d, longer.
+    pub lifetime: Vec<u64>,
+    /// Timeout sysctls (seconds), by name without the `net.netfilter.` prefix.
+    pub timeouts: Vec<NameCount>,
+    pub tcp_keepalive_time: Option<u64>,
+}
+
+/// A name with a number (a protocol's entries, a sysctl's value).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NameCount {
+    pub name: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AdviceReply {
+    pub headroom_pct: f64,
+    pub facts: AdviceFacts,
+    pub items: Vec<AdviceItem>,
+    /// Caveats: thin history, unreadable sources.
+    pub notes: Vec<String>,
+    /// Ready to drop into /etc/sysctl.d/ (takes effect with `sysctl --system`, at once).
+    pub sysctl_d: String,
+    /// Ready to drop into /etc/modprobe.d/ (takes effect when nf_conntrack is next loaded).
+    pub modprobe_d: String,
+}
+
+pub const DEFAULT_HEADROOM_PCT: f64 = 50.0;

@@ -119,7 +119,7 @@ mod tests {
     fn idl_scanner_finds_methods() {
         assert_eq!(
             idl_methods(INTERFACE_DESCRIPTION),
-            vec!["Status", "Top", "Query", "Incidents", "Incident"]
+            vec!["Status", "Top", "Query", "Incidents", "Incident", "Advise"]
         );
         assert_eq!(
             idl_methods(SERVICE_DESCRIPTION),

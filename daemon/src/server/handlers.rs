@@ -166,6 +166,7 @@ enum Route {
     Query,
     Incidents,
     Incident,
+    Advise,
 }
 
 impl Route {
@@ -177,6 +178,7 @@ impl Route {
         Route::Query,
         Route::Incidents,
         Route::Incident,
+        Route::Advise,
     ];
 
     fn find(interface: &str, method: &str) -> Result<Route, Reply> {
@@ -188,6 +190,7 @@ impl Route {
             (INTERFACE, "Query") => Ok(Route::Query),
             (INTERFACE, "Incidents") => Ok(Route::Incidents),
             (INTERFACE, "Incident") => Ok(Route::Incident),
+            (INTERFACE, "Advise") => Ok(Route::Advise),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => Err(Reply::error(
                 errors::METHOD_NOT_FOUND,
                 json!({ "method": format!("{interface}.{method}") }),
@@ -257,6 +260,37 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
                 .await
             {
                 Ok(Ok(r)) => to_reply::<QueryReply>("query", r),
+                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+            }
+        }
+        Route::Advise => {
+            let headroom = match p.get("headroom_pct") {
+                None => ctwatch_proto::DEFAULT_HEADROOM_PCT,
+                Some(v) => v
+                    .as_f64()
+                    .filter(|h| (0.0..=1000.0).contains(h))
+                    .ok_or(BadParam("headroom_pct".into()))?,
+            };
+            p.check_unknown()?;
+            let top = match ctx
+                .reader
+                .top(TopParams {
+                    limit: 5,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(t) => t.entries,
+                Err(e) => return Ok(unavailable(e)),
+            };
+            let h = ctx.history.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                crate::advise::gather(h.as_ref(), top, headroom).map(|i| crate::advise::advise(&i))
+            })
+            .await;
+            match r {
+                Ok(Ok(a)) => to_reply("advice", a),
                 Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
                 Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
             }
