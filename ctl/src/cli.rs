@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ctwatch_proto::Dimension;
 
-/// ctctl: ask ctwatchd about the conntrack table — who fills it, and how full it is.
+/// Ask ctwatchd about the conntrack table: who fills it, how full it is, what to tune..
 #[derive(Debug, Parser)]
 #[command(name = "ctctl", version, propagate_version = true)]
 pub struct Cli {
@@ -39,6 +39,12 @@ pub enum Command {
     Incident(IncidentArgs),
     /// Tuning advice from what this node saw, with a sysctl.d snippet; applies nothing.
     Advise(AdviseArgs),
+    /// Writes the man page or a shell completion to stdout (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_parser = ["man", "bash", "zsh"])]
+        what: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,21 @@ fn emit_json(v: &impl serde::Serialize) -> Result<()> {
     emit(&s)
 }
 
+/// The man page (ctctl.1) or a completion script, from the clap definition.
+fn generate(what: &str) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    match what {
+        "man" => clap_mangen::Man::new(cmd).render(&mut out)?,
+        "bash" => clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "ctctl", &mut out),
+        "zsh" => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "ctctl", &mut out),
+        _ => anyhow::bail!("generate man, bash or zsh"),
+    }
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -121,6 +136,9 @@ fn run(cli: &Cli) -> Result<()> {
             .context("--since")?,
         _ => None,
     };
+    if let Command::Generate { what } = &cli.command {
+        return generate(what);
+    }
     let mut client = client::Client::connect(&cli.socket)?;
     match &cli.command {
         Command::Status => {
@@ -187,6 +205,7 @@ fn run(cli: &Cli) -> Result<()> {
                 emit(&render::incidents(&list))
             }
         }
+        Command::Generate { .. } => unreachable!("handled before connecting"),
         Command::Advise(a) => {
             let v = client.call(
                 "io.ctwatch.Advise",

@@ -18,8 +18,8 @@ pub const DEFAULT_SOCKET: &str = "/run/ctwatch/ctwatchd.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ctwatch";
 pub const DEFAULT_GROUP: &str = "ctwatch";
 
-/// ctwatchd: watches the kernel's connection tracking table over ctnetlink and answers
-/// questions about it on a Unix socket (see ctctl).
+/// Watch the kernel's connection tracking table over ctnetlink and answer
+/// questions about it on a Unix socket (see ctctl(1)).
 #[derive(Debug, Parser)]
 #[command(name = "ctwatchd", version)]
 pub struct Cli {
@@ -38,6 +38,9 @@ pub struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Write the man page (ctwatchd.8) to stdout and exit (for packaging).
+    #[arg(long, hide = true)]
+    pub generate_man: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,7 +12,12 @@ fn init_logging(level: &str) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
             registry
-                .with(journald.with_syslog_identifier("ctwatchd".into()))
+                // Fields keep their names (message_id → MESSAGE_ID), as journald tools expect.
+                .with(
+                    journald
+                        .with_syslog_identifier("ctwatchd".into())
+                        .with_field_prefix(None),
+                )
                 .init();
             return;
         }
@@ -44,6 +49,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.generate_man {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        let man = clap_mangen::Man::new(Cli::command()).section("8");
+        if man.render(&mut out).is_err()
+            || std::io::Write::write_all(&mut std::io::stdout(), &out).is_err()
+        {
+            return ExitCode::FAILURE;
+        }
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -124,7 +124,13 @@ pub fn bind(cfg: &ServerConfig, gid: Option<libc::gid_t>) -> Result<UnixListener
         source,
     })?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    if let Some(gid) = gid {
+    // Under systemd (Group=) the socket already has its group; chown would only trip the
+    // system call filter.
+    let has_gid = |g| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).is_ok_and(|m| m.gid() == g)
+    };
+    if let Some(gid) = gid.filter(|&g| !has_gid(g)) {
         if let Err(e) = std::os::unix::fs::chown(path, None, Some(gid)) {
             warn!(error = %e, path = %path.display(), "cannot give the socket its group");
         }
