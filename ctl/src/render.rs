@@ -280,6 +280,20 @@ pub fn status(s: &StatusReply) -> String {
                 .unwrap_or_default()
         ),
     ));
+    if let (Some(obj), Some(now), Some(full)) = (s.object_size, s.memory_bytes, s.max_memory_bytes)
+    {
+        rows.insert(
+            1,
+            (
+                "memory",
+                format!(
+                    "{} now, {} when full ({obj} bytes per entry, /proc/slabinfo)",
+                    bytes(now),
+                    bytes(full)
+                ),
+            ),
+        );
+    }
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<w$}  {v}\n"))
