@@ -46,6 +46,27 @@ fn emit(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// JSON rows with every key field of their dimension present: the `(other)` row has no key,
+/// so its key fields are null rather than missing, and scripts indexing them do not break.
+fn rows_json(rows: &impl serde::Serialize, by: ctwatch_proto::Dimension) -> Result<Value> {
+    use ctwatch_proto::Dimension as D;
+    let keys: &[&str] = match by {
+        D::Service => &["proto", "dst", "dport"],
+        D::Client => &["src"],
+        D::Flow => &["proto", "src", "dst", "dport"],
+        D::Backend => &["proto", "backend", "backend_port"],
+    };
+    let mut v = serde_json::to_value(rows)?;
+    for row in v.as_array_mut().into_iter().flatten() {
+        if let Some(obj) = row.as_object_mut() {
+            for k in keys {
+                obj.entry(k.to_string()).or_insert(Value::Null);
+            }
+        }
+    }
+    Ok(v)
+}
+
 fn emit_json(v: &impl serde::Serialize) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
@@ -162,7 +183,7 @@ fn run(cli: &Cli) -> Result<()> {
             let r: TopReply =
                 serde_json::from_value(v["top"].clone()).context("unexpected Top reply")?;
             if cli.json {
-                emit_json(&r.entries)
+                emit_json(&rows_json(&r.entries, a.by)?)
             } else {
                 emit(&render::top(&r, a.by))
             }
@@ -184,7 +205,7 @@ fn run(cli: &Cli) -> Result<()> {
             let r: QueryReply =
                 serde_json::from_value(v["query"].clone()).context("unexpected Query reply")?;
             if cli.json {
-                emit_json(&r.rows)
+                emit_json(&rows_json(&r.rows, q.by)?)
             } else {
                 emit(&render::query(
                     &r,

@@ -158,8 +158,10 @@ impl Engine {
     }
 
     fn snapshot(&self, c: &Ctx) -> Snapshot {
+        // Keys only: the (other) row that sums the rest is not a "top" key.
         let top = |by| {
-            c.tracker
+            let mut rows = c
+                .tracker
                 .top(
                     &TopParams {
                         by,
@@ -168,7 +170,9 @@ impl Engine {
                     },
                     c.count,
                 )
-                .entries
+                .entries;
+            rows.retain(|e| e.other.is_none());
+            rows
         };
         let rate = |by| {
             c.tracker
@@ -188,7 +192,8 @@ impl Engine {
     }
 
     fn udp53(&self, c: &Ctx) -> Vec<TopEntry> {
-        c.tracker
+        let mut rows = c
+            .tracker
             .top(
                 &TopParams {
                     by: Dimension::Service,
@@ -198,7 +203,9 @@ impl Engine {
                 },
                 c.count,
             )
-            .entries
+            .entries;
+        rows.retain(|e| e.other.is_none());
+        rows
     }
 
     fn save(&mut self, slot: usize) {
