@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     tr.reserve(req.stats()?.entries as usize);
     let (c0, t) = (cpu(), Instant::now());
     tr.begin_dump();
-    let (n, _) = req.dump(|c| tr.on_dump_entry(c, 0))?;
+    let (n, _) = req.dump(|c| tr.on_dump_entry(c, 0, false))?;
     tr.end_dump();
     let c1 = cpu();
     println!(

@@ -184,6 +184,10 @@ pub struct Reader {
     last_dump: DumpInfo,
     kernel: KernelStats,
     last_stats: Instant,
+    /// The socket's drop counter when last read: the kernel reports ENOBUFS only once per
+    /// congestion episode, so drops are also noticed by watching this counter.
+    last_drops: u64,
+    last_drops_check: Instant,
     history: Option<HistoryHandle>,
     bucket: BucketState,
     engine: Engine,
@@ -277,6 +281,8 @@ impl Reader {
             last_dump: DumpInfo::default(),
             kernel,
             last_stats: Instant::now(),
+            last_drops: 0,
+            last_drops_check: Instant::now(),
             history,
             bucket: BucketState::default(),
             engine,
@@ -307,7 +313,10 @@ impl Reader {
         let now = self.now_secs();
         self.tracker.begin_dump();
         let tracker = &mut self.tracker;
-        let result = self.requests.dump(|c| tracker.on_dump_entry(c, now));
+        let missed = why != "startup";
+        let result = self
+            .requests
+            .dump(|c| tracker.on_dump_entry(c, now, missed));
         // A failed dump must not sweep what it did not get to see.
         let (entries, bad) = match result {
             Ok(r) => r,
@@ -645,6 +654,20 @@ impl Reader {
                 break;
             }
             let now = Instant::now();
+            if now.duration_since(self.last_drops_check) >= Duration::from_millis(100) {
+                self.last_drops_check = now;
+                if let Ok(d) = self.events.drops() {
+                    if d > self.last_drops {
+                        // Lost events without an ENOBUFS (the socket was still congested):
+                        // resync as for an overrun, or push a pending one's debounce.
+                        match self.overrun_pending {
+                            None => self.on_overrun(),
+                            Some((first, _)) => self.overrun_pending = Some((first, now)),
+                        }
+                        self.last_drops = d;
+                    }
+                }
+            }
             if now.duration_since(self.last_stats) >= Duration::from_secs(1) {
                 self.refresh_kernel_stats();
             }

@@ -367,7 +367,10 @@ impl Tracker {
         self.parity ^= MARK;
     }
 
-    pub fn on_dump_entry(&mut self, c: &Conn, now_secs: u32) {
+    /// An entry of a dump. `missed` says the dump is filling a gap (a resync after lost events,
+    /// or a reconcile), so an entry found only now was created in the gap and counts as new in
+    /// the history; entries of the startup dump predate the daemon and do not.
+    pub fn on_dump_entry(&mut self, c: &Conn, now_secs: u32, missed: bool) {
         let key = self.key(c.id, &c.orig);
         match self.mirror.entry(key) {
             Entry_::Occupied(mut o) => {
@@ -382,6 +385,12 @@ impl Tracker {
                     meta: self.parity | ORPHAN | (now_secs & BORN_MASK),
                 });
                 self.orphans += 1;
+                if missed {
+                    touch(&self.keys, &mut self.windows, flow, backend, |a, live| {
+                        a.new += 1;
+                        a.live_max = a.live_max.max(live);
+                    });
+                }
             }
         }
     }

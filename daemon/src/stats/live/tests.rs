@@ -153,8 +153,8 @@ fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
     let c = conn(3, 17, [10, 0, 0, 1], 3, [10, 0, 0, 53], 53);
     // Startup dump: a and b exist, created before we listened.
     t.begin_dump();
-    t.on_dump_entry(&a, 0);
-    t.on_dump_entry(&b, 0);
+    t.on_dump_entry(&a, 0, false);
+    t.on_dump_entry(&b, 0, false);
     assert_eq!(t.end_dump(), 0);
     assert_eq!((t.live(), t.orphans()), (2, 2));
     // c arrives by event; a's NEW raced the dump: it is confirmed, not counted twice.
@@ -163,8 +163,8 @@ fn dump_sweeps_vanished_entries_and_orphans_leave_with_it() {
     assert_eq!((t.live(), t.orphans()), (3, 1));
     // b expires silently (no DESTROY under nf_conntrack_events=2); the reconcile dump sees a, c.
     t.begin_dump();
-    t.on_dump_entry(&a, 2);
-    t.on_dump_entry(&c, 2);
+    t.on_dump_entry(&a, 2, false);
+    t.on_dump_entry(&c, 2, false);
     assert_eq!(t.end_dump(), 1);
     assert_eq!((t.live(), t.orphans()), (2, 0));
     assert_eq!(
