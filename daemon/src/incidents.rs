@@ -479,21 +479,9 @@ mod tests {
         t.src[..4].copy_from_slice(&[10, 0, 0, 1]);
         t.dst[..4].copy_from_slice(&[10, 96, 0, 10]);
         Conn {
-            kind: ConnKind::New,
-            family: AF_INET,
-            orig: t,
-            reply: None,
             status: status::CONFIRMED,
             id,
-            zone: 0,
-            mark: None,
-            timeout: None,
-            use_count: None,
-            tcp_state: None,
-            counters_orig: None,
-            counters_reply: None,
-            ts_start: None,
-            ts_stop: None,
+            ..Conn::new(ConnKind::New, AF_INET, t)
         }
     }
 

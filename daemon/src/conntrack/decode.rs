@@ -168,6 +168,27 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// An entry with only its kind, family and original tuple; every optional attribute absent.
+    pub fn new(kind: ConnKind, family: u8, orig: Tuple) -> Conn {
+        Conn {
+            kind,
+            family,
+            orig,
+            reply: None,
+            status: 0,
+            id: 0,
+            zone: 0,
+            mark: None,
+            timeout: None,
+            use_count: None,
+            tcp_state: None,
+            counters_orig: None,
+            counters_reply: None,
+            ts_start: None,
+            ts_stop: None,
+        }
+    }
+
     pub fn is_ipv6(&self) -> bool {
         self.family == AF_INET6
     }
@@ -364,23 +385,7 @@ pub fn decode_conn(msg: &NlMsg<'_>) -> Result<Option<Conn>, DecodeError> {
         return Err(DecodeError::Short);
     }
     let family = p[0];
-    let mut conn = Conn {
-        kind,
-        family,
-        orig: Tuple::default(),
-        reply: None,
-        status: 0,
-        id: 0,
-        zone: 0,
-        mark: None,
-        timeout: None,
-        use_count: None,
-        tcp_state: None,
-        counters_orig: None,
-        counters_reply: None,
-        ts_start: None,
-        ts_stop: None,
-    };
+    let mut conn = Conn::new(kind, family, Tuple::default());
     let mut have_orig = false;
     for a in attrs(&p[NFGENMSG_LEN..]) {
         let (ty, v) = a?;

@@ -24,21 +24,10 @@ fn conn(id: u32, proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) 
         ..orig
     };
     Conn {
-        kind: ConnKind::New,
-        family: AF_INET,
-        orig,
         reply: Some(reply),
         status: status::CONFIRMED,
         id,
-        zone: 0,
-        mark: None,
-        timeout: None,
-        use_count: None,
-        tcp_state: None,
-        counters_orig: None,
-        counters_reply: None,
-        ts_start: None,
-        ts_stop: None,
+        ..Conn::new(ConnKind::New, AF_INET, orig)
     }
 }
 
