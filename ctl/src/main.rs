@@ -88,6 +88,14 @@ fn generate(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `nf_conntrack` slab object size, if this process may read /proc/slabinfo.
+fn slab_object_size() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -164,8 +172,16 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Status => {
             let v = client.call("io.ctwatch.Status", Map::new())?;
-            let s: StatusReply =
+            let mut s: StatusReply =
                 serde_json::from_value(v["status"].clone()).context("unexpected Status reply")?;
+            if s.object_size.is_none() {
+                // Under its unit the daemon cannot read /proc/slabinfo; root running ctctl can.
+                if let Some(o) = slab_object_size() {
+                    s.object_size = Some(o);
+                    s.memory_bytes = Some(o * s.count);
+                    s.max_memory_bytes = Some(o * s.max);
+                }
+            }
             if cli.json {
                 emit_json(&s)
             } else {
@@ -228,9 +244,10 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Generate { .. } => unreachable!("handled before connecting"),
         Command::Advise(a) => {
+            // The daemon runs unprivileged and may not read /proc/slabinfo; root running ctctl can.
             let v = client.call(
                 "io.ctwatch.Advise",
-                params(json!({ "headroom_pct": a.headroom })),
+                params(json!({ "headroom_pct": a.headroom, "object_size": slab_object_size() })),
             )?;
             let r: AdviceReply =
                 serde_json::from_value(v["advice"].clone()).context("unexpected Advise reply")?;

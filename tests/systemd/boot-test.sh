@@ -97,7 +97,9 @@ in_root systemd-analyze verify --man=no /lib/systemd/system/ctwatchd.service || 
 score=$(in_root systemd-analyze security ctwatchd.service 2>/dev/null | awk '/Overall exposure level/ {print $7}')
 say "systemd-analyze security ctwatchd.service: $score"
 
-in_root ctctl status >/dev/null || fail "ctctl status as root"
+in_root ctctl status >"$WORK/status.txt" || fail "ctctl status as root"
+grep -q "when full" "$WORK/status.txt" || fail "status lacks the table's memory (slabinfo via ctctl): $(cat "$WORK/status.txt")"
+in_root ctctl advise --json | grep -q '"object_size": 256\|"object_size": [0-9]' || fail "advise has no slab object size"
 in_root useradd -m -G ctwatch alice
 in_root useradd -m bob
 in_root runuser -u alice -- ctctl status >/dev/null || fail "ctctl status refused for a member of the ctwatch group"

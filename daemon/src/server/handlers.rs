@@ -272,6 +272,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
                     .filter(|h| (0.0..=1000.0).contains(h))
                     .ok_or(BadParam("headroom_pct".into()))?,
             };
+            let object_size = p.opt_uint("object_size", 1 << 20)?;
             p.check_unknown()?;
             let top = match ctx
                 .reader
@@ -286,7 +287,10 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
             };
             let h = ctx.history.clone();
             let r = tokio::task::spawn_blocking(move || {
-                crate::advise::gather(h.as_ref(), top, headroom).map(|i| crate::advise::advise(&i))
+                crate::advise::gather(h.as_ref(), top, headroom).map(|mut i| {
+                    i.object_size = i.object_size.or(object_size);
+                    crate::advise::advise(&i)
+                })
             })
             .await;
             match r {
