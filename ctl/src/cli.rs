@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ctwatch_proto::Dimension;
 
-/// Ask ctwatchd about the conntrack table: who fills it, how full it is, what to tune..
+/// Ask ctwatchd about the conntrack table: who fills it, how full it is, what to tune.
 #[derive(Debug, Parser)]
 #[command(name = "ctctl", version, propagate_version = true)]
 pub struct Cli {

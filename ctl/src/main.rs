@@ -280,6 +280,18 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The help text is part of the interface: a change to it shows up in review.
+    #[test]
+    fn help_is_as_recorded() {
+        let help = Cli::command().render_help().to_string();
+        let recorded = include_str!("../tests/help.txt");
+        assert_eq!(
+            help.trim_end(),
+            recorded.trim_end(),
+            "update ctl/tests/help.txt if this change is meant"
+        );
+    }
+
     #[test]
     fn top_flags_parse() {
         let c = Cli::try_parse_from([
