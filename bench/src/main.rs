@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ctwatch_tests::support::{load, target_bin, Daemon, DaemonOpts, Netns};
+use ctwatch_tests::support::{load, target_bin, ConntrackMax, Daemon, DaemonOpts, Netns};
 use serde_json::Value;
 
 /// Benchmark ctwatchd against conntrack -E (run as root; raises nf_conntrack_max for the run
@@ -53,25 +53,6 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-/// Restores nf_conntrack_max on drop, also on panic.
-struct MaxGuard(String);
-impl MaxGuard {
-    fn raise(to: u64) -> Result<MaxGuard> {
-        let path = "/proc/sys/net/netfilter/nf_conntrack_max";
-        let old = std::fs::read_to_string(path).context("read nf_conntrack_max")?;
-        let cur: u64 = old.trim().parse()?;
-        if cur < to {
-            std::fs::write(path, to.to_string()).context("raise nf_conntrack_max")?;
-        }
-        Ok(MaxGuard(old.trim().to_string()))
-    }
-}
-impl Drop for MaxGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", &self.0);
-    }
 }
 
 fn new_counter(ns: &Netns) -> u64 {
@@ -396,7 +377,7 @@ fn main() -> Result<()> {
         bail!("ctbench creates network namespaces and raises nf_conntrack_max: run it as root");
     }
     let _ = target_bin("ctwatchd");
-    let _guard = MaxGuard::raise((a.entries * 2).max(2_000_000))?;
+    let _guard = ConntrackMax::raise((a.entries * 2).max(2_000_000));
     let kinds = [
         Kind::Flood1,
         Kind::Flood2,

@@ -373,30 +373,13 @@ fn a_full_disk_drops_history_but_not_the_daemon() {
 /// nf_conntrack_max is global: tests that raise it take this lock and restore it on drop.
 static MAX_LOCK: Mutex<()> = Mutex::new(());
 
-struct MaxGuard(String);
-impl MaxGuard {
-    fn raise(to: u64) -> MaxGuard {
-        let p = "/proc/sys/net/netfilter/nf_conntrack_max";
-        let old = std::fs::read_to_string(p).unwrap().trim().to_string();
-        if old.parse::<u64>().unwrap() < to {
-            std::fs::write(p, to.to_string()).unwrap();
-        }
-        MaxGuard(old)
-    }
-}
-impl Drop for MaxGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", &self.0);
-    }
-}
-
 /// The bound stated in the README: with 1M live entries the daemon's peak RSS stays under it.
 const RSS_BOUND_MIB: u64 = 128;
 
 #[test]
 fn a_port_scan_of_a_million_flows_keeps_memory_bounded() {
     let _lock = MAX_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let _max = MaxGuard::raise(1_200_000);
+    let _max = ConntrackMax::raise(1_200_000);
     let ns = Netns::new();
     ns.nft("table inet scan {\n chain in {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n");
     ns.sysctl("net.netfilter.nf_conntrack_udp_timeout", "300");

@@ -12,21 +12,6 @@ use serde_json::Value;
 
 static MAX_LOCK: Mutex<()> = Mutex::new(());
 
-struct MaxGuard(String);
-impl MaxGuard {
-    fn set(to: u64) -> MaxGuard {
-        let p = "/proc/sys/net/netfilter/nf_conntrack_max";
-        let old = std::fs::read_to_string(p).unwrap().trim().to_string();
-        std::fs::write(p, to.to_string()).unwrap();
-        MaxGuard(old)
-    }
-}
-impl Drop for MaxGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", &self.0);
-    }
-}
-
 const CONFIG: &str = "[incidents]\nquiet_secs = 3\n[history]\nbucket_secs = 1\nrollup_secs = 10\n";
 
 /// The namespace's `drop` counter, summed over CPUs, from `conntrack -S` (an independent reading).
@@ -83,7 +68,7 @@ fn the_seed_incident_names_the_flooding_service_and_counts_every_drop() {
     let d = start(&ns, &dir.path().join("state"));
     background(&ns);
     let before = kernel_drops(&ns);
-    let max = MaxGuard::set(ns.conntrack_count() + 100);
+    let max = ConntrackMax::set(ns.conntrack_count() + 100);
     let t0 = Instant::now();
     flood(&ns, 9999, 400);
     let first_drop = wait_for("the kernel to drop packets", Duration::from_secs(5), || {
@@ -159,7 +144,7 @@ fn a_restart_during_an_incident_neither_duplicates_nor_loses_it() {
     let mut d = start(&ns, &state);
     background(&ns);
     let before = kernel_drops(&ns);
-    let max = MaxGuard::set(ns.conntrack_count() + 100);
+    let max = ConntrackMax::set(ns.conntrack_count() + 100);
     flood(&ns, 9999, 300);
     wait_for("an incident", Duration::from_secs(5), || {
         (!incidents(&d).is_empty()).then_some(())

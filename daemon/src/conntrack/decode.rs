@@ -188,10 +188,6 @@ impl Conn {
             ts_stop: None,
         }
     }
-
-    pub fn is_ipv6(&self) -> bool {
-        self.family == AF_INET6
-    }
 }
 
 /// A netlink message header and its payload, borrowed from a receive buffer.

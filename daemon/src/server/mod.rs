@@ -8,7 +8,7 @@ mod handlers;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -332,9 +332,4 @@ async fn handle_frame(frame: &Bytes, ctx: &Ctx) -> Option<Reply> {
     let oneway = req.oneway;
     let reply = dispatch(req, ctx).await;
     (!oneway).then_some(reply)
-}
-
-/// Path of the default socket.
-pub fn default_socket() -> &'static Path {
-    Path::new("/run/ctwatch/ctwatchd.sock")
 }

@@ -2,10 +2,12 @@
 
 mod daemon;
 pub mod load;
+mod max;
 mod netns;
 mod traffic;
 
 pub use daemon::{ctctl, ctctl_json, target_bin, Daemon, DaemonOpts, TempDir};
+pub use max::ConntrackMax;
 pub use netns::{kernel_services, Netns};
 pub use traffic::{tcp_conns, udp_flows, udp_flows_from_one};
 
