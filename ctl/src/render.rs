@@ -228,7 +228,14 @@ pub fn status(s: &StatusReply) -> String {
                 )
             })
             .unwrap_or_default();
-        rows.push(("usage 1h", format!("{}{}", sparkline(&h.usage_1h), peak)));
+        rows.push((
+            "usage 1h",
+            format!(
+                "{}{}",
+                sparkline(&h.usage_1h.iter().map(|m| m.usage_pct).collect::<Vec<_>>()),
+                peak
+            ),
+        ));
     }
     rows.push((
         "history",

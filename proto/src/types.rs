@@ -462,10 +462,19 @@ pub struct HistoryStatus {
     pub disk_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Peak table usage (%) per minute over the last hour, oldest first; null where no data.
-    pub usage_1h: Vec<Option<f64>>,
+    /// Peak table usage per minute over the last hour, oldest first.
+    pub usage_1h: Vec<UsageMinute>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_24h: Option<Peak>,
+}
+
+/// One minute of `HistoryStatus.usage_1h`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageMinute {
+    /// Start of the minute, RFC 3339.
+    pub t: String,
+    /// Peak usage (%) in that minute; null where no bucket was written.
+    pub usage_pct: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

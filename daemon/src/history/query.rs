@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::{TimeZone, Utc};
 use ctwatch_proto::{
     proto_name, Dimension, HistoryStatus, Peak, Point, QueryParams, QueryReply, QueryRow,
+    UsageMinute,
 };
 
 use super::record::{self, dim_byte, Counts, HistKey, TABLE_DIM};
@@ -243,7 +244,14 @@ pub fn status(h: &HistoryHandle, now: u64) -> HistoryStatus {
             }
         }
     }
-    out.usage_1h = usage;
+    out.usage_1h = usage
+        .into_iter()
+        .enumerate()
+        .map(|(i, usage_pct)| UsageMinute {
+            t: rfc3339(hour_start + i as u64 * slot),
+            usage_pct,
+        })
+        .collect();
     out.peak_24h = peak.map(|(count, usage_pct, t)| Peak {
         count,
         usage_pct,
