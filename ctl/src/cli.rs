@@ -67,6 +67,9 @@ pub struct IncidentsArgs {
     /// Only incidents that started since then: a duration (24h) or a time (2026-11-25T03:00).
     #[arg(long, value_name = "DURATION|TIME")]
     pub since: Option<String>,
+    /// Show at most this many, newest first.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub limit: u64,
 }
 
 #[derive(Debug, Args)]

@@ -9,7 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use ctwatch_proto::{errors, Reply, Request, MAX_REPLY_LEN};
 use serde_json::{Map, Value};
 
-const TIMEOUT: Duration = Duration::from_secs(15);
+/// Longer than the daemon's longest deadline (Advise: 30 s), so its own answer comes first.
+const TIMEOUT: Duration = Duration::from_secs(40);
 
 pub struct Client {
     stream: BufReader<UnixStream>,
@@ -69,6 +70,16 @@ impl Client {
                     "permission denied: ctctl needs root or membership of the `ctwatch` group"
                         .to_string(),
                 errors::UNAVAILABLE => format!("ctwatchd cannot answer now: {}", field("reason")),
+                errors::LIMIT_EXCEEDED => format!(
+                    "ctwatchd refused: {} is beyond its bound of {} ({})",
+                    field("parameter"),
+                    p.get("bound").cloned().unwrap_or_default(),
+                    field("reason")
+                ),
+                errors::DEADLINE_EXCEEDED => format!(
+                    "ctwatchd gave up: {}; try a narrower request",
+                    field("reason")
+                ),
                 errors::NO_SUCH_INCIDENT => format!(
                     "no incident {} (see ctctl incidents)",
                     p.get("id").cloned().unwrap_or_default()

@@ -49,18 +49,11 @@ fn emit(text: &str) -> Result<()> {
 /// JSON rows with every key field of their dimension present: the `(other)` row has no key,
 /// so its key fields are null rather than missing, and scripts indexing them do not break.
 fn rows_json(rows: &impl serde::Serialize, by: ctwatch_proto::Dimension) -> Result<Value> {
-    use ctwatch_proto::Dimension as D;
-    let keys: &[&str] = match by {
-        D::Service => &["proto", "dst", "dport"],
-        D::Client => &["src"],
-        D::Flow => &["proto", "src", "dst", "dport"],
-        D::Backend => &["proto", "backend", "backend_port"],
-    };
     let mut v = serde_json::to_value(rows)?;
     for row in v.as_array_mut().into_iter().flatten() {
         if let Some(obj) = row.as_object_mut() {
-            for k in keys {
-                obj.entry(k.to_string()).or_insert(Value::Null);
+            for k in by.key_fields() {
+                obj.entry(k.name().to_string()).or_insert(Value::Null);
             }
         }
     }
@@ -90,10 +83,7 @@ fn generate(what: &str) -> Result<()> {
 
 /// The `nf_conntrack` slab object size, if this process may read /proc/slabinfo.
 fn slab_object_size() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+    ctwatch_proto::slab_object_size(&std::fs::read_to_string("/proc/slabinfo").ok()?)
 }
 
 fn unix_now() -> i64 {
@@ -129,21 +119,15 @@ fn run(cli: &Cli) -> Result<()> {
                 .map(time::parse_duration)
                 .transpose()
                 .context("--step")?;
-            use ctwatch_proto::Dimension as D;
-            let (has_proto, has_src, has_dst) = match q.by {
-                D::Service => (true, false, true),
-                D::Client => (false, true, false),
-                D::Flow => (true, true, true),
-                D::Backend => (true, false, true),
-            };
+            use ctwatch_proto::KeyField;
             for (given, ok, flag) in [
                 (
                     q.proto.is_some() || q.port.is_some(),
-                    has_proto,
+                    q.by.has(KeyField::Proto),
                     "--proto/--port",
                 ),
-                (q.src.is_some(), has_src, "--src"),
-                (q.dst.is_some(), has_dst, "--dst"),
+                (q.src.is_some(), q.by.has(KeyField::Src), "--src"),
+                (q.dst.is_some(), q.by.dst_field().is_some(), "--dst"),
             ] {
                 if given && !ok {
                     anyhow::bail!(
@@ -231,11 +215,26 @@ fn run(cli: &Cli) -> Result<()> {
                 ))
             }
         }
-        Command::Incidents(_) => {
-            let p = params(json!({ "since": incidents_since.map(|t| t.max(0)) }));
-            let v = client.call("io.ctwatch.Incidents", p)?;
-            let list: Vec<Incident> = serde_json::from_value(v["incidents"].clone())
-                .context("unexpected Incidents reply")?;
+        Command::Incidents(a) => {
+            // Page by page, newest first, up to --limit.
+            let mut list: Vec<Incident> = Vec::new();
+            let mut before: Option<u64> = None;
+            let limit = a.limit as usize;
+            while list.len() < limit {
+                let p = params(json!({
+                    "since": incidents_since.map(|t| t.max(0)),
+                    "before": before,
+                    "limit": (limit - list.len()).min(ctwatch_proto::MAX_INCIDENTS_PAGE),
+                }));
+                let v = client.call("io.ctwatch.Incidents", p)?;
+                let page: Vec<Incident> = serde_json::from_value(v["incidents"].clone())
+                    .context("unexpected Incidents reply")?;
+                list.extend(page);
+                before = v["next_before"].as_u64();
+                if before.is_none() {
+                    break;
+                }
+            }
             if cli.json {
                 emit_json(&list)
             } else {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use ctwatch_proto::{
-    Dimension, Incident, QueryReply, QueryRow, Snapshot, StatusReply, TopEntry, TopReply,
+    Dimension, Incident, KeyField, KeyedRow, QueryReply, Snapshot, StatusReply, TopEntry, TopReply,
 };
 
 /// Formats rows into columns; numeric columns are right-aligned.
@@ -64,83 +64,59 @@ impl Table {
     }
 }
 
-fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_default()
-}
-
 fn pct(p: f64) -> String {
     format!("{p:.1}%")
 }
 
-fn with_zone(addr: String, e: &TopEntry) -> String {
-    match e.zone {
-        Some(z) => format!("{addr} (zone {z})"),
-        None => addr,
+/// A key field's column: its header, and whether it is right-aligned.
+fn column(f: KeyField) -> (&'static str, bool) {
+    match f {
+        KeyField::Proto => ("PROTO", false),
+        KeyField::Src => ("SOURCE", false),
+        KeyField::Dst => ("DESTINATION", false),
+        KeyField::Dport | KeyField::BackendPort => ("PORT", true),
+        KeyField::Backend => ("BACKEND", false),
     }
 }
 
+/// The key columns of a dimension (`Dimension::key_fields`, in order).
+pub fn key_columns(by: Dimension) -> Vec<(&'static str, bool)> {
+    by.key_fields().iter().map(|&f| column(f)).collect()
+}
+
+/// A row's key cells. The zone, when not 0, goes with the last address; the `(other)` row says
+/// what it folds in the first cell.
+pub fn key_cells(by: Dimension, r: &impl KeyedRow, other: &str) -> Vec<String> {
+    let fields = by.key_fields();
+    if r.is_other() {
+        let mut v = vec![String::new(); fields.len()];
+        v[0] = other.to_string();
+        return v;
+    }
+    let last_addr = fields
+        .iter()
+        .rposition(|f| matches!(f, KeyField::Src | KeyField::Dst | KeyField::Backend));
+    fields
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let v = r.key_field(f).unwrap_or_default();
+            match (r.zone(), Some(i) == last_addr) {
+                (Some(z), true) => format!("{v} (zone {z})"),
+                _ => v,
+            }
+        })
+        .collect()
+}
+
 pub fn top(r: &TopReply, by: Dimension) -> String {
-    let cols: &[(&str, bool)] = match by {
-        Dimension::Service => &[
-            ("PROTO", false),
-            ("DESTINATION", false),
-            ("PORT", true),
-            ("LIVE", true),
-            ("SHARE", true),
-        ],
-        Dimension::Client => &[("SOURCE", false), ("LIVE", true), ("SHARE", true)],
-        Dimension::Flow => &[
-            ("PROTO", false),
-            ("SOURCE", false),
-            ("DESTINATION", false),
-            ("PORT", true),
-            ("LIVE", true),
-            ("SHARE", true),
-        ],
-        Dimension::Backend => &[
-            ("PROTO", false),
-            ("BACKEND", false),
-            ("PORT", true),
-            ("LIVE", true),
-            ("SHARE", true),
-        ],
-    };
-    let mut t = Table::new(cols);
+    let mut cols = key_columns(by);
+    cols.extend([("LIVE", true), ("SHARE", true)]);
+    let mut t = Table::new(&cols);
     for e in &r.entries {
-        let live = e.live.to_string();
-        let share = pct(e.share_pct);
-        if e.other == Some(true) {
-            let mut cells = vec![String::new(); cols.len() - 2];
-            cells[0] = "(other)".into();
-            cells.extend([live, share]);
-            t.row(cells);
-            continue;
-        }
-        t.row(match by {
-            Dimension::Service => vec![
-                opt(&e.proto),
-                with_zone(opt(&e.dst), e),
-                opt(&e.dport),
-                live,
-                share,
-            ],
-            Dimension::Client => vec![with_zone(opt(&e.src), e), live, share],
-            Dimension::Flow => vec![
-                opt(&e.proto),
-                opt(&e.src),
-                with_zone(opt(&e.dst), e),
-                opt(&e.dport),
-                live,
-                share,
-            ],
-            Dimension::Backend => vec![
-                opt(&e.proto),
-                with_zone(opt(&e.backend), e),
-                opt(&e.backend_port),
-                live,
-                share,
-            ],
-        });
+        let mut cells = key_cells(by, e, "(other)");
+        cells.extend([e.live.to_string(), pct(e.share_pct)]);
+        t.row(cells);
     }
     let mut out = t.render();
     if r.entries.is_empty() {
@@ -321,41 +297,8 @@ pub fn sparkline(values: &[Option<f64>]) -> String {
         .collect()
 }
 
-fn key_cells(by: Dimension, r: &QueryRow) -> Vec<String> {
-    if r.other == Some(true) {
-        let n = match by {
-            Dimension::Service | Dimension::Backend => 3,
-            Dimension::Client => 1,
-            Dimension::Flow => 4,
-        };
-        let mut v = vec![String::new(); n];
-        v[0] = format!("(other: {} keys)", r.keys.unwrap_or(0));
-        return v;
-    }
-    let z = |a: &Option<String>| match r.zone {
-        Some(z) => format!("{} (zone {z})", opt(a)),
-        None => opt(a),
-    };
-    match by {
-        Dimension::Service => vec![opt(&r.proto), z(&r.dst), opt(&r.dport)],
-        Dimension::Client => vec![z(&r.src)],
-        Dimension::Flow => vec![opt(&r.proto), opt(&r.src), z(&r.dst), opt(&r.dport)],
-        Dimension::Backend => vec![opt(&r.proto), z(&r.backend), opt(&r.backend_port)],
-    }
-}
-
 pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
-    let mut cols: Vec<(&'static str, bool)> = match by {
-        Dimension::Service => vec![("PROTO", false), ("DESTINATION", false), ("PORT", true)],
-        Dimension::Client => vec![("SOURCE", false)],
-        Dimension::Flow => vec![
-            ("PROTO", false),
-            ("SOURCE", false),
-            ("DESTINATION", false),
-            ("PORT", true),
-        ],
-        Dimension::Backend => vec![("PROTO", false), ("BACKEND", false), ("PORT", true)],
-    };
+    let mut cols = key_columns(by);
     cols.extend([
         ("NEW", true),
         ("DESTROYED", true),
@@ -368,7 +311,7 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
     }
     let mut t = Table::new(&cols);
     for row in &r.rows {
-        let mut cells = key_cells(by, row);
+        let mut cells = key_cells(by, row, &format!("(other: {} keys)", row.keys.unwrap_or(0)));
         cells.extend([
             row.new.to_string(),
             row.destroyed.to_string(),
@@ -401,14 +344,7 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
 }
 
 fn service_label(e: &TopEntry) -> String {
-    if e.other == Some(true) {
-        return "(other)".into();
-    }
-    match (&e.proto, &e.dst, e.dport) {
-        (Some(p), Some(d), Some(port)) if d.contains(':') => format!("{p} [{d}]:{port}"),
-        (Some(p), Some(d), Some(port)) => format!("{p} {d}:{port}"),
-        _ => String::new(),
-    }
+    e.service_label()
 }
 
 pub fn incidents(list: &[Incident]) -> String {
@@ -533,11 +469,7 @@ pub fn incident(i: &Incident) -> String {
 }
 
 fn bytes(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b => format!("{:.1} KiB", b as f64 / 1024.0),
-    }
+    ctwatch_proto::human_bytes(b)
 }
 
 pub fn advice(a: &ctwatch_proto::AdviceReply) -> String {

@@ -12,14 +12,18 @@ fn main() -> anyhow::Result<()> {
     let (mut ev, rcvbuf) = EventSocket::open(1 << 20)?;
     let mut req = RequestSocket::open()?;
     eprintln!("rcvbuf {rcvbuf}; stats {:?}", req.stats()?);
-    let (n, bad) = req.dump(|c| eprintln!("dump: {c:?}"))?;
-    eprintln!("dump: {n} entries, {bad} bad");
+    let n = req.dump(|c| {
+        if let Some(c) = c {
+            eprintln!("dump: {c:?}")
+        }
+    })?;
+    eprintln!("dump: {} entries, {} bad", n.entries, n.bad);
     let mut seen = 0;
     while seen < want {
         match ev.recv_batch()? {
             Recv::Batch(k) => {
                 for i in 0..k {
-                    let Some(d) = ev.datagram(i) else { continue };
+                    let Ok(d) = ev.datagram(i) else { continue };
                     let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
                     println!("{hex}");
                     for m in NlMsgIter::new(d) {

@@ -92,7 +92,8 @@ pub struct Inputs {
     /// Timeout sysctls by short name (`tcp_timeout_established`, …), seconds.
     pub timeouts: BTreeMap<String, u64>,
     pub tcp_keepalive_time: Option<u64>,
-    pub census: Census,
+    /// Shared: a cached census serves several calls without a copy.
+    pub census: std::sync::Arc<Census>,
     pub top_services: Vec<TopEntry>,
     pub headroom_pct: f64,
 }
@@ -117,13 +118,7 @@ pub fn kernel_version(release: &str) -> (u32, u32) {
     (major, minor)
 }
 
-fn human_bytes(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b => format!("{:.1} KiB", b as f64 / 1024.0),
-    }
-}
+use ctwatch_proto::human_bytes;
 
 fn human_secs(s: u64) -> String {
     match s {
@@ -364,10 +359,8 @@ pub fn advise(i: &Inputs) -> AdviceReply {
             .iter()
             .map(|e| {
                 format!(
-                    "{} {}:{} ({} entries, {:.1}%)",
-                    e.proto.clone().unwrap_or_default(),
-                    e.dst.clone().unwrap_or_default(),
-                    e.dport.unwrap_or(0),
+                    "{} ({} entries, {:.1}%)",
+                    e.service_label(),
                     e.live,
                     e.share_pct
                 )
@@ -467,10 +460,7 @@ pub fn advise(i: &Inputs) -> AdviceReply {
 
 /// The `nf_conntrack` slab object size from /proc/slabinfo (root only).
 pub fn slab_object_size() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+    ctwatch_proto::slab_object_size(&std::fs::read_to_string("/proc/slabinfo").ok()?)
 }
 
 fn read_u64(path: &str) -> Option<u64> {
@@ -528,17 +518,84 @@ fn from_history(h: &HistoryHandle, now: u64) -> (Option<(u64, u64)>, u64, [u64; 
     (peak, now.saturating_sub(oldest), life)
 }
 
+/// How long a census is reused.
+pub const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The facts behind `Advise`, gathered by one census at a time and reused for `CACHE_FOR`,
+/// however many clients ask.
+/// The last census: when, and what it found.
+type Cached = Option<(std::time::Instant, std::sync::Arc<Inputs>)>;
+
+pub struct Cache {
+    slot: std::sync::Arc<std::sync::Mutex<Cached>>,
+    /// One census at a time.
+    census: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Cache {
+    fn default() -> Cache {
+        Cache {
+            slot: Default::default(),
+            census: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+}
+
+impl Cache {
+    fn fresh(&self) -> Option<std::sync::Arc<Inputs>> {
+        let g = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()
+            .filter(|(at, _)| at.elapsed() < CACHE_FOR)
+            .map(|(_, i)| i.clone())
+    }
+
+    /// The facts, from the cache or a new census (run on the blocking pool). A census that
+    /// outlives the caller's deadline still completes and fills the cache.
+    pub async fn facts(
+        &self,
+        history: Option<HistoryHandle>,
+        deadline: std::time::Instant,
+    ) -> Result<std::sync::Arc<Inputs>, String> {
+        if let Some(i) = self.fresh() {
+            return Ok(i);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let permit = match tokio::time::timeout(left, self.census.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err("busy: a census of the table is still running; try again".into()),
+        };
+        if let Some(i) = self.fresh() {
+            return Ok(i);
+        }
+        let slot = self.slot.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let i = std::sync::Arc::new(gather(history.as_ref()).map_err(|e| e.to_string())?);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), i.clone()));
+            Ok(i)
+        });
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("the census failed: {e}")),
+            Err(_) => Err("the census of the table is still running; try again shortly".into()),
+        }
+    }
+}
+
 /// Collects the facts: a fresh dump of the table (on its own socket), the system's figures and
-/// the history. Blocking; run off the async runtime.
-pub fn gather(
-    history: Option<&HistoryHandle>,
-    top_services: Vec<TopEntry>,
-    headroom_pct: f64,
-) -> Result<Inputs, crate::conntrack::NetlinkError> {
+/// the history. Blocking; run off the async runtime. The caller adds the top services and the
+/// headroom.
+pub fn gather(history: Option<&HistoryHandle>) -> Result<Inputs, crate::conntrack::NetlinkError> {
     let mut req = crate::conntrack::RequestSocket::open()?;
     let stats = req.stats()?;
     let mut census = Census::default();
-    req.dump(|c| census.add(c))?;
+    req.dump(|c| {
+        if let Some(c) = c {
+            census.add(c)
+        }
+    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -547,6 +604,12 @@ pub fn gather(
         history
             .map(|h| from_history(h, now))
             .unwrap_or((None, 0, [0; LIFETIME_BINS]));
+    // The table now is an observation too (history lags by up to a bucket).
+    let peak = match peak {
+        Some((p, _)) if p >= stats.entries => peak,
+        _ if stats.entries > 0 => Some((stats.entries, now)),
+        _ => peak,
+    };
     let mut timeouts = BTreeMap::new();
     for name in TIMEOUT_SYSCTLS {
         if let Some(v) = read_u64(&format!("/proc/sys/net/netfilter/nf_conntrack_{name}")) {
@@ -567,9 +630,9 @@ pub fn gather(
         lifetime,
         timeouts,
         tcp_keepalive_time: read_u64("/proc/sys/net/ipv4/tcp_keepalive_time"),
-        census,
-        top_services,
-        headroom_pct,
+        census: std::sync::Arc::new(census),
+        top_services: Vec::new(),
+        headroom_pct: ctwatch_proto::DEFAULT_HEADROOM_PCT,
     })
 }
 

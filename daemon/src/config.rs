@@ -1,17 +1,18 @@
-//! Configuration: the TOML file (`/etc/ctwatch/ctwatchd.toml` by default), overridden by flags.
-//! Unknown keys and bad values are rejected with `file:line` and a reason.
+//! Configuration: the TOML file (`/etc/ctwatch/ctwatchd.toml` by default; parsed and checked
+//! against its documented bounds by `ctwatch_parse::config`), overridden by flags. Unknown
+//! keys and bad values are rejected with `file:line`, the key and the bound.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use serde::Deserialize;
+use ctwatch_parse::config::Settings;
 
-use crate::history::writer as hw;
 use crate::history::HistoryConfig;
-use crate::reader::{self, ReaderConfig};
-use crate::server::{self, ServerConfig};
-use crate::stats::{Caps, DEFAULT_CAPS};
+use crate::incidents::IncidentConfig;
+use crate::reader::ReaderConfig;
+use crate::server::ServerConfig;
+use crate::stats::Caps;
 
 pub const DEFAULT_CONFIG: &str = "/etc/ctwatch/ctwatchd.toml";
 pub const DEFAULT_SOCKET: &str = "/run/ctwatch/ctwatchd.sock";
@@ -43,68 +44,6 @@ pub struct Cli {
     pub generate_man: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    socket: Option<PathBuf>,
-    socket_group: Option<String>,
-    state_dir: Option<PathBuf>,
-    netns: Option<PathBuf>,
-    log_level: Option<String>,
-    #[serde(default)]
-    netlink: NetlinkSection,
-    #[serde(default)]
-    limits: LimitsSection,
-    #[serde(default)]
-    history: HistorySection,
-    #[serde(default)]
-    incidents: IncidentsSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IncidentsSection {
-    quiet_secs: Option<u64>,
-    thresholds_pct: Option<Vec<f64>>,
-    hysteresis_pct: Option<f64>,
-    kmsg: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HistorySection {
-    enabled: Option<bool>,
-    bucket_secs: Option<u64>,
-    rollup_secs: Option<u64>,
-    fine_retention_hours: Option<u64>,
-    coarse_retention_days: Option<u64>,
-    keys_per_bucket: Option<u64>,
-    window_keys: Option<u64>,
-    max_disk_mb: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NetlinkSection {
-    rcvbuf_bytes: Option<u64>,
-    rcvbuf_max_bytes: Option<u64>,
-    resync_debounce_ms: Option<u64>,
-    resync_max_delay_ms: Option<u64>,
-    reconcile_interval_secs: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LimitsSection {
-    max_services: Option<u64>,
-    max_clients: Option<u64>,
-    max_flows: Option<u64>,
-    max_backends: Option<u64>,
-    max_connections: Option<u64>,
-    idle_timeout_secs: Option<u64>,
-    write_timeout_secs: Option<u64>,
-}
-
 /// The daemon's whole configuration, after file and flags are merged and checked.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -114,10 +53,12 @@ pub struct Config {
     pub log_level: String,
     pub reader: ReaderConfig,
     pub server: ServerConfig,
+    pub incidents: IncidentConfig,
     /// `None` when `[history] enabled = false`.
     pub history: Option<HistoryConfig>,
-    /// Watch /dev/kmsg for table-full lines.
+    /// Watch the kernel log for table-full lines, at `kmsg_path`.
     pub kmsg: bool,
+    pub kmsg_path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,43 +68,17 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("{path}: {key}: {message}")]
-    Value {
+    /// `path:line: key: message`, as the file parser found it.
+    #[error("{path}:{error}")]
+    File {
         path: String,
-        key: &'static str,
-        message: String,
+        error: ctwatch_parse::config::ConfigError,
     },
-}
-
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| {
-                text.as_bytes()[..s.start.min(text.len())]
-                    .iter()
-                    .filter(|&&b| b == b'\n')
-                    .count()
-                    + 1
-            })
-            .unwrap_or(1);
-        ConfigError::Parse {
-            path: path.to_path_buf(),
-            line,
-            message: e.message().trim().to_string(),
-        }
-    })
 }
 
 impl Config {
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let (file, source) = match &cli.config {
+        let (text, source) = match &cli.config {
             Some(p) => (Some(Self::read(p)?), Some(p.clone())),
             None if Path::new(DEFAULT_CONFIG).exists() => {
                 let p = PathBuf::from(DEFAULT_CONFIG);
@@ -171,226 +86,113 @@ impl Config {
             }
             None => (None, None),
         };
-        Self::merge(cli, file.unwrap_or_default(), source)
+        Self::from_text(cli, text.as_deref().unwrap_or(""), source)
     }
 
-    fn read(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        parse_file(path, &text)
+        })
     }
 
-    fn merge(cli: &Cli, f: FileConfig, source: Option<PathBuf>) -> Result<Config, ConfigError> {
+    fn from_text(cli: &Cli, text: &str, source: Option<PathBuf>) -> Result<Config, ConfigError> {
         let origin = source
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "defaults".into());
-        let bad = |key: &'static str, message: &str| ConfigError::Value {
+        let file_err = |error| ConfigError::File {
             path: origin.clone(),
-            key,
-            message: message.to_string(),
+            error,
         };
-        let positive =
-            |key: &'static str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
-                match v {
-                    Some(0) => Err(bad(key, "must be at least 1")),
-                    Some(n) => Ok(n),
-                    None => Ok(default),
-                }
-            };
-        let rcvbuf = positive(
-            "netlink.rcvbuf_bytes",
-            f.netlink.rcvbuf_bytes,
-            reader::DEFAULT_RCVBUF as u64,
-        )?;
-        if !(64 * 1024..=1 << 30).contains(&rcvbuf) {
-            return Err(bad(
-                "netlink.rcvbuf_bytes",
-                "must be between 65536 and 1073741824",
-            ));
+        let f = ctwatch_parse::config::parse(text).map_err(file_err)?;
+        Self::merge(cli, f, source).map_err(file_err)
+    }
+
+    fn merge(
+        cli: &Cli,
+        f: Settings,
+        source: Option<PathBuf>,
+    ) -> Result<Config, ctwatch_parse::config::ConfigError> {
+        let log_level = f
+            .log_level
+            .clone()
+            .map(|a| (a.value, a.line))
+            .unwrap_or_else(|| ("info".into(), None));
+        if tracing_subscriber::EnvFilter::try_new(&log_level.0).is_err() {
+            return Err(ctwatch_parse::config::ConfigError {
+                line: log_level.1,
+                key: Some("log_level"),
+                message: "expected error, warn, info, debug, trace or a filter directive".into(),
+            });
         }
-        let rcvbuf_max = positive(
-            "netlink.rcvbuf_max_bytes",
-            f.netlink.rcvbuf_max_bytes,
-            (reader::DEFAULT_RCVBUF_MAX as u64).max(rcvbuf),
-        )?;
-        if rcvbuf_max < rcvbuf || rcvbuf_max > 1 << 30 {
-            return Err(bad(
-                "netlink.rcvbuf_max_bytes",
-                "must be at least rcvbuf_bytes and at most 1073741824",
-            ));
-        }
-        let ms = |v: u64| Duration::from_millis(v);
-        let caps = Caps {
-            services: positive(
-                "limits.max_services",
-                f.limits.max_services,
-                DEFAULT_CAPS.services as u64,
-            )? as usize,
-            clients: positive(
-                "limits.max_clients",
-                f.limits.max_clients,
-                DEFAULT_CAPS.clients as u64,
-            )? as usize,
-            flows: positive(
-                "limits.max_flows",
-                f.limits.max_flows,
-                DEFAULT_CAPS.flows as u64,
-            )? as usize,
-            backends: positive(
-                "limits.max_backends",
-                f.limits.max_backends,
-                DEFAULT_CAPS.backends as u64,
-            )? as usize,
-        };
-        let log_level = f.log_level.unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(bad(
-                "log_level",
-                "expected error, warn, info, debug, trace or a filter directive",
-            ));
-        }
-        let netns = cli.netns.clone().or(f.netns);
+        let netns = cli.netns.clone().or(f.netns.clone());
         let state_dir = cli
             .state_dir
             .clone()
-            .or(f.state_dir)
+            .or(f.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        let h = &f.history;
-        let bucket_secs = positive(
-            "history.bucket_secs",
-            h.bucket_secs,
-            hw::DEFAULT_BUCKET_SECS,
-        )?;
-        let rollup_secs = positive(
-            "history.rollup_secs",
-            h.rollup_secs,
-            hw::DEFAULT_ROLLUP_SECS,
-        )?;
-        if rollup_secs % bucket_secs != 0 {
-            return Err(bad(
-                "history.rollup_secs",
-                "must be a multiple of bucket_secs",
-            ));
-        }
+        let secs = Duration::from_secs;
         let history = HistoryConfig {
             path: state_dir.join("history"),
-            bucket_secs,
-            rollup_secs,
-            fine_retention_secs: 3600
-                * positive(
-                    "history.fine_retention_hours",
-                    h.fine_retention_hours,
-                    hw::DEFAULT_FINE_RETENTION_SECS / 3600,
-                )?,
-            coarse_retention_secs: 86400
-                * positive(
-                    "history.coarse_retention_days",
-                    h.coarse_retention_days,
-                    hw::DEFAULT_COARSE_RETENTION_SECS / 86400,
-                )?,
-            keys_per_bucket: positive(
-                "history.keys_per_bucket",
-                h.keys_per_bucket,
-                hw::DEFAULT_KEYS_PER_BUCKET as u64,
-            )? as usize,
-            max_disk_bytes: positive(
-                "history.max_disk_mb",
-                h.max_disk_mb,
-                hw::DEFAULT_MAX_DISK_BYTES >> 20,
-            )? << 20,
+            bucket_secs: f.bucket_secs,
+            rollup_secs: f.rollup_secs,
+            fine_retention_secs: f.fine_retention_secs,
+            coarse_retention_secs: f.coarse_retention_secs,
+            keys_per_bucket: f.keys_per_bucket as usize,
+            max_disk_bytes: f.max_disk_bytes,
+            incident_retention_secs: f.incident_retention_secs,
         };
-        let inc = &f.incidents;
-        let mut thresholds = inc
-            .thresholds_pct
-            .clone()
-            .unwrap_or_else(|| crate::incidents::DEFAULT_THRESHOLDS.to_vec());
-        if thresholds.iter().any(|t| !(1.0..=100.0).contains(t)) {
-            return Err(bad(
-                "incidents.thresholds_pct",
-                "each threshold must be between 1 and 100",
-            ));
-        }
-        thresholds.sort_by(f64::total_cmp);
-        let hysteresis = inc
-            .hysteresis_pct
-            .unwrap_or(crate::incidents::DEFAULT_HYSTERESIS);
-        if !(0.0..=50.0).contains(&hysteresis) {
-            return Err(bad("incidents.hysteresis_pct", "must be between 0 and 50"));
-        }
-        let incidents = crate::incidents::IncidentConfig {
-            quiet: Duration::from_secs(positive(
-                "incidents.quiet_secs",
-                inc.quiet_secs,
-                crate::incidents::DEFAULT_QUIET.as_secs(),
-            )?),
-            thresholds,
-            hysteresis,
-        };
-        let window_keys = positive(
-            "history.window_keys",
-            h.window_keys,
-            crate::stats::DEFAULT_WINDOW_KEYS as u64,
-        )? as usize;
         let socket = cli
             .socket
             .clone()
-            .or(f.socket)
+            .or(f.socket.as_ref().map(|a| a.value.clone()))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        if socket.as_os_str().is_empty() {
-            return Err(bad("socket", "must not be empty"));
-        }
         Ok(Config {
             source,
-            state_dir,
-            history: h.enabled.unwrap_or(true).then_some(history),
-            kmsg: f.incidents.kmsg.unwrap_or(true),
-            log_level,
             reader: ReaderConfig {
-                rcvbuf: rcvbuf as usize,
-                rcvbuf_max: rcvbuf_max as usize,
-                resync_debounce: ms(positive(
-                    "netlink.resync_debounce_ms",
-                    f.netlink.resync_debounce_ms,
-                    reader::DEFAULT_RESYNC_DEBOUNCE.as_millis() as u64,
-                )?),
-                resync_max_delay: ms(positive(
-                    "netlink.resync_max_delay_ms",
-                    f.netlink.resync_max_delay_ms,
-                    reader::DEFAULT_RESYNC_MAX_DELAY.as_millis() as u64,
-                )?),
-                reconcile_interval: Duration::from_secs(positive(
-                    "netlink.reconcile_interval_secs",
-                    f.netlink.reconcile_interval_secs,
-                    reader::DEFAULT_RECONCILE_INTERVAL.as_secs(),
-                )?),
-                caps,
+                rcvbuf: f.rcvbuf as usize,
+                rcvbuf_max: f.rcvbuf_max as usize,
+                resync_debounce: Duration::from_millis(f.resync_debounce_ms),
+                resync_max_delay: Duration::from_millis(f.resync_max_delay_ms),
+                reconcile_interval: secs(f.reconcile_secs),
+                caps: Caps {
+                    services: f.max_services as usize,
+                    clients: f.max_clients as usize,
+                    flows: f.max_flows as usize,
+                    backends: f.max_backends as usize,
+                },
                 netns: netns.as_ref().map(|p| p.display().to_string()),
-                window_keys,
-                incidents,
+                window_keys: f.window_keys as usize,
+                bucket_secs: f.bucket_secs,
+                keys_per_bucket: f.keys_per_bucket as usize,
             },
             server: ServerConfig {
                 socket,
-                group: Some(f.socket_group.unwrap_or_else(|| DEFAULT_GROUP.into()))
-                    .filter(|g| !g.is_empty()),
-                max_connections: positive(
-                    "limits.max_connections",
-                    f.limits.max_connections,
-                    server::DEFAULT_MAX_CONNECTIONS as u64,
-                )? as usize,
-                idle_timeout: Duration::from_secs(positive(
-                    "limits.idle_timeout_secs",
-                    f.limits.idle_timeout_secs,
-                    server::DEFAULT_IDLE_TIMEOUT.as_secs(),
-                )?),
-                write_timeout: Duration::from_secs(positive(
-                    "limits.write_timeout_secs",
-                    f.limits.write_timeout_secs,
-                    server::DEFAULT_WRITE_TIMEOUT.as_secs(),
-                )?),
+                group: Some(
+                    f.socket_group
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_GROUP.into()),
+                )
+                .filter(|g| !g.is_empty()),
+                max_connections: f.max_connections as usize,
+                reserved_root: f.reserved_root as usize,
+                per_uid: f.per_user as usize,
+                idle_timeout: secs(f.idle_secs),
+                write_timeout: secs(f.write_secs),
+                request_timeout: secs(f.request_secs),
+                heavy_requests: f.heavy as usize,
             },
+            incidents: IncidentConfig {
+                quiet: secs(f.quiet_secs),
+                thresholds: f.thresholds_pct.clone(),
+                hysteresis: f.hysteresis_pct,
+            },
+            history: f.history.then_some(history),
+            kmsg: f.kmsg,
+            kmsg_path: f.kmsg_path.clone(),
+            log_level: log_level.0,
+            state_dir,
             netns,
         })
     }
@@ -405,8 +207,7 @@ mod tests {
     }
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let p = Path::new("/etc/ctwatch/test.toml");
-        Config::merge(&cli(), parse_file(p, text)?, Some(p.into()))
+        Config::from_text(&cli(), text, Some("/etc/ctwatch/test.toml".into()))
     }
 
     #[test]
@@ -415,10 +216,11 @@ mod tests {
         assert_eq!(c.server.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.reader.rcvbuf, 16 << 20);
         assert_eq!(c.server.group.as_deref(), Some("ctwatch"));
+        assert_eq!(c.kmsg_path, PathBuf::from("/dev/kmsg"));
     }
 
     #[test]
-    fn unknown_key_names_file_and_line() {
+    fn errors_name_file_line_key_and_bound() {
         let e = load("socket = \"/tmp/x\"\n\n[netlink]\nrcvbuf = 5\n")
             .unwrap_err()
             .to_string();
@@ -426,47 +228,22 @@ mod tests {
             e.starts_with("/etc/ctwatch/test.toml:4: unknown field `rcvbuf`"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn bad_values_are_rejected_with_a_reason() {
         let e = load("[limits]\nmax_flows = 0\n").unwrap_err().to_string();
         assert_eq!(
             e,
-            "/etc/ctwatch/test.toml: limits.max_flows: must be at least 1"
-        );
-        let e = load("[netlink]\nrcvbuf_bytes = \"lots\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("/etc/ctwatch/test.toml:2: invalid type"),
-            "{e}"
+            "/etc/ctwatch/test.toml:2: limits.max_flows: 0 is out of bounds: must be from 1 to 4194304"
         );
         let e = load("log_level = \"loud[\"\n").unwrap_err().to_string();
-        assert!(e.contains("log_level"), "{e}");
+        assert!(e.contains(":1: log_level"), "{e}");
     }
 
+    /// The shipped, commented config documents every key with its default and its bounds:
+    /// uncommented, it must parse and give the same configuration as no file at all, and each
+    /// integer key's documented bounds must be the ones enforced.
     #[test]
-    fn history_section() {
-        let c = load("[history]\nbucket_secs = 2\nrollup_secs = 10\n").unwrap();
-        let h = c.history.unwrap();
-        assert_eq!((h.bucket_secs, h.rollup_secs), (2, 10));
-        assert_eq!(h.fine_retention_secs, 48 * 3600);
-        assert!(
-            load("[history]\nbucket_secs = 7\n").is_err(),
-            "3600 is not a multiple of 7"
-        );
-        assert!(load("[history]\nenabled = false\n")
-            .unwrap()
-            .history
-            .is_none());
-    }
-
-    /// The shipped, commented config documents every key with its default: uncommented, it
-    /// must parse and give the same configuration as no file at all.
-    #[test]
-    fn shipped_config_documents_the_defaults() {
-        let text: String = include_str!("../../packaging/ctwatchd.toml")
+    fn shipped_config_documents_the_defaults_and_bounds() {
+        let shipped = include_str!("../../packaging/ctwatchd.toml");
+        let text: String = shipped
             .lines()
             .filter(|l| !l.starts_with("#netns"))
             .map(|l| match l.strip_prefix('#') {
@@ -482,22 +259,34 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let p = Path::new("packaging/ctwatchd.toml");
-        let full = Config::merge(&cli(), parse_file(p, &text).unwrap(), Some(p.into())).unwrap();
+        let full =
+            Config::from_text(&cli(), &text, Some("packaging/ctwatchd.toml".into())).unwrap();
         let none = load("").unwrap();
         assert_eq!(format!("{:?}", full.reader), format!("{:?}", none.reader));
         assert_eq!(format!("{:?}", full.server), format!("{:?}", none.server));
         assert_eq!(format!("{:?}", full.history), format!("{:?}", none.history));
+        assert_eq!(
+            format!("{:?}", full.incidents),
+            format!("{:?}", none.incidents)
+        );
         assert_eq!(full.log_level, none.log_level);
-        assert_eq!(full.kmsg, none.kmsg);
+        assert_eq!((full.kmsg, &full.kmsg_path), (none.kmsg, &none.kmsg_path));
+        for b in ctwatch_parse::config::BOUNDS {
+            let name = b.key.rsplit('.').next().unwrap();
+            let documented = format!("{name}: {} to {}", b.min, b.max);
+            assert!(
+                shipped.contains(&documented),
+                "packaging/ctwatchd.toml does not document `{documented}` for {}",
+                b.key
+            );
+        }
     }
 
     #[test]
     fn flags_override_the_file() {
-        let p = Path::new("/x.toml");
-        let f = parse_file(p, "socket = \"/tmp/a.sock\"\n").unwrap();
         let cli = Cli::parse_from(["ctwatchd", "--socket", "/tmp/b.sock"]);
-        let c = Config::merge(&cli, f, Some(p.into())).unwrap();
+        let c =
+            Config::from_text(&cli, "socket = \"/tmp/a.sock\"\n", Some("/x.toml".into())).unwrap();
         assert_eq!(c.server.socket, PathBuf::from("/tmp/b.sock"));
     }
 }

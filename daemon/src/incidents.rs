@@ -3,14 +3,17 @@
 //! signature of `insert_failed`/`clash_resolve` rising while UDP/53 churns). Each names the
 //! keys that filled the table when it opened and at its peak. Also the usage thresholds.
 //!
-//! The engine runs on the reader thread, which owns the live picture it snapshots. Signals: a
-//! table-full line from the kernel log (it says when, and in which namespace), and the
-//! kernel's counters polled every second (the log is rate-limited; the counters are the truth
-//! about how many packets were dropped). An incident closes after a quiet period; it is saved
-//! when it opens, at most every few seconds while it grows, and when it closes. An incident
-//! still open when the daemon stops is picked up again at start, so a restart neither
-//! duplicates nor loses it.
+//! The engine runs on the monitor thread, on the kernel figures it polls and the reader's
+//! latest snapshot of the live picture (at most ~100 ms old). Signals: a table-full line from
+//! the kernel log (it says when, and in which namespace), and the kernel's counters polled
+//! every second (the log is rate-limited; the counters are the truth about how many packets
+//! were dropped). An incident closes after a quiet period; it is saved when it opens, at most
+//! every few seconds while it grows, and when it closes — handed to the writer without
+//! waiting, and retried every second while the writer's queue is full, so a slow disk costs
+//! neither the monitor's time nor an incident. An incident still open when the daemon stops is
+//! picked up again at start, so a restart neither duplicates nor loses it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ctwatch_proto::{
@@ -21,7 +24,7 @@ use tracing::{info, warn};
 use crate::history::query::rfc3339;
 use crate::history::HistoryHandle;
 use crate::kmsg::{KmsgEvent, KmsgKind};
-use crate::stats::Tracker;
+use crate::stats::Snapshot as LiveSnapshot;
 
 /// journald MESSAGE_IDs, one per kind of event (stable: alerting may match on them).
 pub mod message_id {
@@ -50,9 +53,12 @@ pub const DEFAULT_HYSTERESIS: f64 = 5.0;
 const SAVE_EVERY_SECS: u64 = 5;
 const SNAPSHOT_ROWS: usize = 10;
 
-/// Figures the engine gets from the reader.
+/// Figures the engine works on: the live picture and the kernel's counters.
+#[derive(Clone, Copy)]
 pub struct Ctx<'a> {
-    pub tracker: &'a Tracker,
+    pub snap: &'a LiveSnapshot,
+    /// A snapshot a few seconds older, for creation rates now (`None` at first).
+    pub earlier: Option<&'a LiveSnapshot>,
     pub count: u64,
     pub max: u64,
     pub counters: KernelCounters,
@@ -61,8 +67,36 @@ pub struct Ctx<'a> {
     pub window_secs: f64,
 }
 
-const TABLE_FULL: usize = 0;
-const INSERT_RACE: usize = 1;
+/// The kinds of incident. On the wire and in the store, `Incident.kind` is the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Packets dropped because the table was full.
+    TableFull = 0,
+    /// UDP/53 lost the conntrack insert race (DNS lookups time out).
+    InsertRace = 1,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::TableFull, Kind::InsertRace];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::TableFull => "table_full",
+            Kind::InsertRace => "insert_race",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+const TABLE_FULL: usize = Kind::TableFull as usize;
+const INSERT_RACE: usize = Kind::InsertRace as usize;
 
 struct Open {
     inc: Incident,
@@ -79,6 +113,8 @@ pub struct Engine {
     armed: Vec<bool>,
     next_id: u64,
     history: Option<HistoryHandle>,
+    /// Incidents the writer's queue had no room for, by id: saved at the next turn.
+    unsaved: BTreeMap<u64, Incident>,
 }
 
 fn usage(count: u64, max: u64) -> f64 {
@@ -90,11 +126,7 @@ fn usage(count: u64, max: u64) -> f64 {
 }
 
 fn label(e: &TopEntry) -> String {
-    match (&e.proto, &e.dst, e.dport) {
-        (Some(p), Some(d), Some(port)) if d.contains(':') => format!("{p} [{d}]:{port}"),
-        (Some(p), Some(d), Some(port)) => format!("{p} {d}:{port}"),
-        _ => "(other)".into(),
-    }
+    e.service_label()
 }
 
 impl Engine {
@@ -113,38 +145,84 @@ impl Engine {
             armed: vec![true; thresholds],
             next_id: 1,
             history,
+            unsaved: BTreeMap::new(),
         };
-        if let Some(store) = e.history.as_ref().and_then(|h| h.store()) {
-            for blob in store.incidents().unwrap_or_default() {
-                let Ok(inc) = serde_json::from_slice::<Incident>(&blob) else {
-                    continue;
-                };
-                e.next_id = e.next_id.max(inc.id + 1);
-                if inc.end.is_none() {
-                    let slot = if inc.kind == "insert_race" {
-                        INSERT_RACE
-                    } else {
-                        TABLE_FULL
-                    };
-                    let last = chrono::DateTime::parse_from_rfc3339(&inc.last_signal)
-                        .map(|t| t.timestamp() as u64)
-                        .unwrap_or(0);
-                    info!(id = inc.id, kind = %inc.kind, "resuming an incident left open by the previous run");
-                    e.open[slot] = Some(Open {
-                        inc,
-                        last_signal: last,
-                        last_save: last,
-                    });
+        let Some(store) = e.history.as_ref().and_then(|h| h.store()) else {
+            return e;
+        };
+        // Newest first: the id sequence continues after the newest, and only the newest
+        // incident of each kind can have been left open.
+        let mut seen = [false; 2];
+        for inc in store.incidents_newest_first().flatten() {
+            e.next_id = e.next_id.max(inc.id + 1);
+            let Some(kind) = Kind::parse(&inc.kind) else {
+                continue;
+            };
+            if std::mem::replace(&mut seen[kind.slot()], true) {
+                if seen.iter().all(|&s| s) {
+                    break;
                 }
+                continue;
+            }
+            if inc.end.is_none() {
+                let last = chrono::DateTime::parse_from_rfc3339(&inc.last_signal)
+                    .map(|t| t.timestamp() as u64)
+                    .unwrap_or(0);
+                info!(id = inc.id, kind = %inc.kind, "resuming an incident left open by the previous run");
+                e.open[kind.slot()] = Some(Open {
+                    inc,
+                    last_signal: last,
+                    last_save: last,
+                });
+            }
+            if seen.iter().all(|&s| s) {
+                break;
             }
         }
         e
     }
 
-    /// Saves the open incidents as they are now (at shutdown).
+    /// Saves the open incidents as they are now, and whatever is still unsaved (at
+    /// shutdown: waits a little for room in the writer's queue).
     pub fn flush(&mut self) {
         for slot in [TABLE_FULL, INSERT_RACE] {
             self.save(slot);
+        }
+        for _ in 0..50 {
+            self.retry_saves();
+            if self.unsaved.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.unsaved.is_empty() {
+            warn!(
+                incidents = self.unsaved.len(),
+                "history writer did not take every incident before stopping"
+            );
+        }
+    }
+
+    /// Hands the writer what its queue had no room for before.
+    pub fn retry_saves(&mut self) {
+        let Some(h) = &self.history else {
+            self.unsaved.clear();
+            return;
+        };
+        while let Some((&id, _)) = self.unsaved.first_key_value() {
+            let inc = self.unsaved.remove(&id).expect("present");
+            if !h.try_save_incident(&inc) {
+                self.unsaved.insert(id, inc);
+                return;
+            }
+        }
+    }
+
+    fn save_incident(&mut self, inc: &Incident) {
+        let Some(h) = &self.history else { return };
+        // Order matters only per incident: a newer copy replaces an unsaved older one.
+        if self.unsaved.contains_key(&inc.id) || !h.try_save_incident(inc) {
+            self.unsaved.insert(inc.id, inc.clone());
         }
     }
 
@@ -161,7 +239,7 @@ impl Engine {
         // Keys only: the (other) row that sums the rest is not a "top" key.
         let top = |by| {
             let mut rows = c
-                .tracker
+                .snap
                 .top(
                     &TopParams {
                         by,
@@ -174,10 +252,7 @@ impl Engine {
             rows.retain(|e| e.other.is_none());
             rows
         };
-        let rate = |by| {
-            c.tracker
-                .top_by_new(by, SNAPSHOT_ROWS, c.window_secs, c.count)
-        };
+        let rate = |by| c.snap.top_by_rate(c.earlier, by, SNAPSHOT_ROWS, c.count);
         Snapshot {
             t: rfc3339(c.now),
             count: c.count,
@@ -193,7 +268,7 @@ impl Engine {
 
     fn udp53(&self, c: &Ctx) -> Vec<TopEntry> {
         let mut rows = c
-            .tracker
+            .snap
             .top(
                 &TopParams {
                     by: Dimension::Service,
@@ -209,8 +284,8 @@ impl Engine {
     }
 
     fn save(&mut self, slot: usize) {
-        if let (Some(h), Some(o)) = (&self.history, &mut self.open[slot]) {
-            h.save_incident(&o.inc);
+        if let Some(inc) = self.open[slot].as_ref().map(|o| o.inc.clone()) {
+            self.save_incident(&inc);
         }
     }
 
@@ -222,9 +297,9 @@ impl Engine {
             snap.top_services.clone()
         };
         let kind = if slot == INSERT_RACE {
-            "insert_race"
+            Kind::InsertRace.as_str()
         } else {
-            "table_full"
+            Kind::TableFull.as_str()
         };
         let top = top_services
             .first()
@@ -290,8 +365,11 @@ impl Engine {
         }
     }
 
-    /// A conntrack line from the kernel log.
+    /// A conntrack line from the kernel log. A line replayed after a restart is dated by its
+    /// own timestamp, not by when it was read.
     pub fn on_kmsg(&mut self, ev: KmsgEvent, c: &Ctx) {
+        let at = ev.at.filter(|&t| t <= c.now).unwrap_or(c.now);
+        let c = &Ctx { now: at, ..*c };
         match ev.kind {
             KmsgKind::TableFull { .. } => {
                 self.signal(TABLE_FULL, c, "kernel: table full, dropping packet");
@@ -329,8 +407,8 @@ impl Engine {
                 + k.clash_resolve.saturating_sub(prev.clash_resolve);
             if raced > 0 {
                 let churn = c
-                    .tracker
-                    .top_by_new(Dimension::Service, 64, c.window_secs, c.count)
+                    .snap
+                    .top_by_rate(c.earlier, Dimension::Service, 64, c.count)
                     .iter()
                     .any(|e| e.proto.as_deref() == Some("udp") && e.dport == Some(53));
                 if churn {
@@ -392,9 +470,7 @@ impl Engine {
                     inc.dropped,
                     inc.peak_usage_pct
                 );
-                if let Some(h) = &self.history {
-                    h.save_incident(&inc);
-                }
+                self.save_incident(&inc);
             } else if c.now.saturating_sub(o.last_save) >= SAVE_EVERY_SECS {
                 o.last_save = c.now;
                 self.save(slot);
@@ -426,7 +502,7 @@ impl Engine {
             let t = self.cfg.thresholds[i];
             if crossed == Some(i) {
                 let top = c
-                    .tracker
+                    .snap
                     .top(
                         &TopParams {
                             by: Dimension::Service,
@@ -463,11 +539,62 @@ impl Engine {
     }
 }
 
+fn started(i: &Incident) -> u64 {
+    chrono::DateTime::parse_from_rfc3339(&i.start)
+        .map(|t| t.timestamp().max(0) as u64)
+        .unwrap_or(0)
+}
+
+/// One page of incidents, newest first: the open ones as the engine has them now (the store
+/// may be a few seconds behind, or not have them yet), then the stored ones. Reads at most a
+/// page's worth of the store (ids grow with time, so the scan stops at the first incident
+/// that started before `since`).
+pub fn page(
+    store: &crate::store::Store,
+    open: &[Incident],
+    p: &ctwatch_proto::IncidentsParams,
+) -> Result<ctwatch_proto::IncidentsReply, crate::store::StoreError> {
+    let before = p.before.unwrap_or(u64::MAX);
+    let mut list: BTreeMap<u64, Incident> = open
+        .iter()
+        .filter(|i| i.id < before && started(i) >= p.since)
+        .map(|i| (i.id, i.clone()))
+        .collect();
+    let mut unreadable = 0;
+    let mut read = 0;
+    for item in store.incidents_newest_first_from(p.before) {
+        let (id, blob) = item?;
+        if list.contains_key(&id) {
+            continue;
+        }
+        let Some(inc) = crate::store::decode_incident(&blob) else {
+            unreadable += 1;
+            continue;
+        };
+        if started(&inc) < p.since {
+            break;
+        }
+        list.insert(id, inc);
+        read += 1;
+        if read > p.limit {
+            break;
+        }
+    }
+    let mut incidents: Vec<Incident> = list.into_values().rev().collect();
+    let next_before = (incidents.len() > p.limit).then(|| incidents[p.limit - 1].id);
+    incidents.truncate(p.limit);
+    Ok(ctwatch_proto::IncidentsReply {
+        incidents,
+        next_before,
+        unreadable,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::conntrack::decode::{status, Conn, ConnKind, Tuple, AF_INET};
-    use crate::stats::{DEFAULT_CAPS, DEFAULT_WINDOW_KEYS};
+    use crate::stats::{Tracker, DEFAULT_CAPS, DEFAULT_WINDOW_KEYS};
 
     fn conn(id: u32, proto: u8, dport: u16) -> Conn {
         let mut t = Tuple {
@@ -493,9 +620,10 @@ mod tests {
         }
     }
 
-    fn ctx(t: &Tracker, count: u64, max: u64, k: KernelCounters, now: u64) -> Ctx<'_> {
+    fn ctx(t: &LiveSnapshot, count: u64, max: u64, k: KernelCounters, now: u64) -> Ctx<'_> {
         Ctx {
-            tracker: t,
+            snap: t,
+            earlier: None,
             count,
             max,
             counters: k,
@@ -519,26 +647,26 @@ mod tests {
             ..Default::default()
         };
         e.prime(k);
-        e.on_stats(&ctx(&t, 100, 100, k, 1000));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1000));
         assert!(e.open_ids().is_empty(), "old drops are not an incident");
         k.drop = 17;
-        e.on_stats(&ctx(&t, 100, 100, k, 1001));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1001));
         let open = e.open_incidents();
         assert_eq!(open.len(), 1);
         assert_eq!(open[0].kind, "table_full");
         assert_eq!(open[0].dropped, 12);
         assert_eq!(open[0].top_services[0].dport, Some(9999));
         k.drop = 30;
-        e.on_stats(&ctx(&t, 100, 100, k, 1005));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1005));
         assert_eq!(e.open_incidents()[0].dropped, 25);
         // Quiet for 10 s after the last rise: closed, nothing open.
-        e.on_stats(&ctx(&t, 100, 100, k, 1014));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1014));
         assert_eq!(e.open_ids().len(), 1);
-        e.on_stats(&ctx(&t, 100, 100, k, 1015));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1015));
         assert!(e.open_ids().is_empty());
         // The next drop is a new incident with the next id.
         k.drop = 31;
-        e.on_stats(&ctx(&t, 100, 100, k, 1100));
+        e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1100));
         assert_eq!(e.open_incidents()[0].id, 2);
         assert_eq!(e.open_incidents()[0].dropped, 1);
     }
@@ -553,13 +681,13 @@ mod tests {
         let mut k = KernelCounters::default();
         e.prime(k);
         k.insert_failed = 3;
-        e.on_stats(&ctx(&t, 10, 1000, k, 1000));
+        e.on_stats(&ctx(&t.snapshot(), 10, 1000, k, 1000));
         assert!(e.open_ids().is_empty(), "no UDP/53 traffic: not a DNS race");
         for i in 10..20 {
             t.on_new(&conn(i, 17, 53), 0);
         }
         k.clash_resolve = 2;
-        e.on_stats(&ctx(&t, 20, 1000, k, 1001));
+        e.on_stats(&ctx(&t.snapshot(), 20, 1000, k, 1001));
         let open = e.open_incidents();
         assert_eq!(open.len(), 1);
         assert_eq!(open[0].kind, "insert_race");
@@ -573,15 +701,15 @@ mod tests {
         let mut e = Engine::new(cfg(), None, None);
         let k = KernelCounters::default();
         e.prime(k);
-        e.on_stats(&ctx(&t, 92, 100, k, 1));
+        e.on_stats(&ctx(&t.snapshot(), 92, 100, k, 1));
         assert_eq!(e.armed, vec![false, false, true]);
-        e.on_stats(&ctx(&t, 93, 100, k, 2));
+        e.on_stats(&ctx(&t.snapshot(), 93, 100, k, 2));
         assert_eq!(e.armed, vec![false, false, true]);
-        e.on_stats(&ctx(&t, 84, 100, k, 3));
+        e.on_stats(&ctx(&t.snapshot(), 84, 100, k, 3));
         assert_eq!(e.armed, vec![false, true, true], "90 re-arms below 85");
-        e.on_stats(&ctx(&t, 96, 100, k, 4));
+        e.on_stats(&ctx(&t.snapshot(), 96, 100, k, 4));
         assert_eq!(e.armed, vec![false, false, false]);
-        e.on_stats(&ctx(&t, 10, 100, k, 5));
+        e.on_stats(&ctx(&t.snapshot(), 10, 100, k, 5));
         assert_eq!(e.armed, vec![true, true, true]);
     }
 }

@@ -1,109 +1,45 @@
-//! The kernel log watcher: reads `/dev/kmsg` on its own thread (blocking reads, one record
-//! each), keeps the conntrack messages, and hands them to the reader. It persists the last
-//! sequence number and the boot id, so that after a restart it resumes where it stopped:
+//! The kernel log watcher: reads the kernel log on its own thread (blocking reads), keeps the
+//! conntrack messages the kernel itself wrote, and hands them to the monitor. It persists the
+//! last sequence number and the boot id, so that after a restart it resumes where it stopped:
 //! neither re-reporting old records nor missing new ones. Records lost to the ring buffer
 //! (EPIPE, or a jump in the sequence number) are counted as a gap.
+//!
+//! Only the kernel is believed: a record whose syslog facility is not the kernel's (anything
+//! written to /dev/kmsg from userspace) never reaches the incident engine. Records are dated by
+//! their own timestamp, so one replayed after a restart is not taken for a new one.
+//!
+//! The source is `/dev/kmsg` (one record per read) or, for tests, a file or FIFO given in the
+//! config that holds records in the same format, one per line.
 //!
 //! `/dev/kmsg` is the host's log, whichever namespace the daemon watches: lines that name a
 //! network namespace (Linux ≥ 6.17) are kept only for the watched one.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{info, warn};
 
-/// A conntrack-related kernel message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KmsgKind {
-    /// `nf_conntrack: table full, dropping packet`, in all its spellings. `netns` is the
-    /// namespace inode on kernels that name it.
-    TableFull { netns: Option<u64> },
-    /// `nf_conntrack: expectation table full`.
-    ExpectationFull,
-    /// `net_ratelimit: N callbacks suppressed`: N messages (table-full ones among them) were
-    /// not printed.
-    Suppressed(u64),
-}
+pub use ctwatch_parse::kmsg::{classify, parse_record, KmsgKind, Record, FACILITY_KERNEL};
 
-/// One kernel log record, as read from /dev/kmsg.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record<'a> {
-    pub prio: u8,
-    pub seq: u64,
-    /// Microseconds since boot.
-    pub usec: u64,
-    pub text: &'a str,
-}
+use crate::supervise::Health;
 
-/// Parses `prio,seq,usec,flags[,...];text` and drops continuation lines (` KEY=value`).
-pub fn parse_record(raw: &str) -> Option<Record<'_>> {
-    let first = raw.lines().next()?;
-    let (head, text) = first.split_once(';')?;
-    let mut f = head.split(',');
-    let prio = f.next()?.trim().parse::<u32>().ok()?;
-    let seq = f.next()?.trim().parse().ok()?;
-    let usec = f.next()?.trim().parse().ok()?;
-    Some(Record {
-        prio: (prio & 7) as u8,
-        seq,
-        usec,
-        text,
-    })
-}
+pub const DEFAULT_PATH: &str = "/dev/kmsg";
+/// How long the watcher waits before opening its source again after an error.
+const REOPEN_AFTER: Duration = Duration::from_secs(5);
 
-/// Classifies a record's text; `None` for everything not conntrack-related.
-pub fn classify(text: &str) -> Option<KmsgKind> {
-    // Escaped bytes (\xNN) never occur inside the words we look for; no need to unescape.
-    let t = text.trim();
-    if let Some(rest) = t.strip_prefix("net_ratelimit:") {
-        let n = rest.split_whitespace().next()?.parse().ok()?;
-        return rest
-            .contains("callbacks suppressed")
-            .then_some(KmsgKind::Suppressed(n));
-    }
-    // Strip one or two "nf_conntrack:" / "ip_conntrack:" prefixes.
-    let mut body = t;
-    let mut prefixed = false;
-    for _ in 0..2 {
-        for p in ["nf_conntrack:", "ip_conntrack:"] {
-            if let Some(r) = body.strip_prefix(p) {
-                body = r.trim_start();
-                prefixed = true;
-            }
-        }
-    }
-    if !prefixed {
-        return None;
-    }
-    if body.starts_with("expectation table full") {
-        return Some(KmsgKind::ExpectationFull);
-    }
-    let rest = body.strip_prefix("table full")?;
-    let rest = rest.trim_start();
-    let netns = match rest.strip_prefix("in netns ") {
-        Some(r) => {
-            let n = r.split(|c: char| !c.is_ascii_digit()).next()?;
-            Some(n.parse().ok()?)
-        }
-        None => None,
-    };
-    let tail = rest.trim_end_matches('.');
-    if !tail.ends_with("dropping packet") {
-        return None;
-    }
-    Some(KmsgKind::TableFull { netns })
-}
-
-/// A conntrack kernel message for the reader.
+/// A conntrack kernel message for the monitor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KmsgEvent {
     pub kind: KmsgKind,
     pub seq: u64,
     pub usec: u64,
+    /// When the kernel wrote it (Unix seconds), from its timestamp.
+    pub at: Option<u64>,
 }
 
 /// Counters the watcher keeps (shared with status).
@@ -117,6 +53,10 @@ pub struct KmsgStats {
     pub garbage: AtomicU64,
     /// Table-full lines for other network namespaces, ignored.
     pub other_netns: AtomicU64,
+    /// Conntrack-looking records not written by the kernel (userspace), ignored.
+    pub not_kernel: AtomicU64,
+    /// Failures to save the resume position.
+    pub position_errors: AtomicU64,
 }
 
 /// Where the watcher resumes: the boot it was reading and the last sequence number handled.
@@ -141,11 +81,22 @@ fn load_position(path: &Path) -> Option<Position> {
     })
 }
 
-fn save_position(path: &Path, p: &Position) {
+/// Writes the position durably: a temporary file, synced, renamed over, the directory synced.
+fn save_position(path: &Path, p: &Position) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, format!("{} {}\n", p.boot_id, p.seq)).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&tmp)?;
+    f.write_all(format!("{} {}\n", p.boot_id, p.seq).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
     }
+    Ok(())
 }
 
 /// The inode of this thread's network namespace, as the kernel prints it.
@@ -155,63 +106,175 @@ pub fn own_netns() -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// Unix time of the moment the kernel's log clock read zero (its timestamps are monotonic
+/// microseconds since boot).
+fn log_clock_epoch() -> f64 {
+    let now = |clock| {
+        // SAFETY: clock_gettime fills a live timespec.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+/// What the watcher reads from.
+enum Source {
+    /// /dev/kmsg: each read returns one record.
+    Device(File),
+    /// A file or FIFO of records, one per line (tests).
+    Lines(BufReader<File>),
+}
+
+impl Source {
+    fn open(path: &Path, resume: bool) -> io::Result<Source> {
+        let meta = std::fs::metadata(path)?;
+        if meta.file_type().is_char_device() {
+            let mut f = File::open(path)?;
+            f.seek(if resume {
+                SeekFrom::Start(0)
+            } else {
+                SeekFrom::End(0)
+            })?;
+            return Ok(Source::Device(f));
+        }
+        // A FIFO is opened read-write, so that it always has a writer (this process) and reads
+        // wait for lines instead of seeing end-of-file between writers.
+        let fifo = meta.file_type().is_fifo();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(fifo)
+            .open(path)?;
+        if !fifo && !resume {
+            f.seek(SeekFrom::End(0))?;
+        }
+        Ok(Source::Lines(BufReader::new(f)))
+    }
+
+    /// The next record's text; `Ok(None)` when a file has nothing more yet.
+    fn next(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
+        buf.clear();
+        match self {
+            Source::Device(f) => {
+                buf.resize(8192, 0);
+                let n = f.read(buf)?;
+                buf.truncate(n);
+                Ok((n > 0).then_some(()))
+            }
+            Source::Lines(r) => {
+                let n = r.read_until(b'\n', buf)?;
+                if n > 0 && buf.last() != Some(&b'\n') {
+                    // A partial line: wait for the rest (the writer has not finished it).
+                    let mut rest = Vec::new();
+                    loop {
+                        std::thread::sleep(Duration::from_millis(20));
+                        if r.read_until(b'\n', &mut rest)? > 0 {
+                            buf.extend_from_slice(&rest);
+                            if buf.last() == Some(&b'\n') {
+                                break;
+                            }
+                            rest.clear();
+                        }
+                    }
+                }
+                Ok((n > 0).then_some(()))
+            }
+        }
+    }
+}
+
 pub struct Watcher {
-    file: File,
+    path: PathBuf,
+    source: Source,
     state: Option<PathBuf>,
     pos: Position,
     netns: Option<u64>,
+    epoch: f64,
+    health: Arc<Health>,
     pub stats: Arc<KmsgStats>,
 }
 
 impl Watcher {
-    /// Opens /dev/kmsg and positions it: after the saved record when the boot is the same;
+    /// Opens the source and positions it: after the saved record when the boot is the same;
     /// at the start of the log after a reboot; at its end on a first start.
-    pub fn open(path: &Path, state: Option<PathBuf>) -> io::Result<Watcher> {
-        let mut file = File::open(path)?;
+    pub fn open(
+        path: &Path,
+        state: Option<PathBuf>,
+        health: Arc<Health>,
+        stats: Arc<KmsgStats>,
+    ) -> io::Result<Watcher> {
         let boot = boot_id();
         let saved = state.as_deref().and_then(load_position);
-        let pos = match saved {
+        let (pos, resume) = match saved {
             Some(p) if p.boot_id == boot => {
-                file.seek(SeekFrom::Start(0))?;
                 info!(
                     seq = p.seq,
                     "kernel log: resuming after the last record handled"
                 );
-                p
+                (p, true)
             }
             Some(_) => {
-                file.seek(SeekFrom::Start(0))?;
                 info!("kernel log: new boot, reading it from the start");
+                (
+                    Position {
+                        boot_id: boot,
+                        seq: 0,
+                    },
+                    true,
+                )
+            }
+            None => (
                 Position {
                     boot_id: boot,
                     seq: 0,
-                }
-            }
-            None => {
-                file.seek(SeekFrom::End(0))?;
-                Position {
-                    boot_id: boot,
-                    seq: 0,
-                }
-            }
+                },
+                false,
+            ),
         };
+        let source = Source::open(path, resume)?;
         Ok(Watcher {
-            file,
+            path: path.to_path_buf(),
+            source,
             state,
             pos,
             netns: own_netns(),
-            stats: Arc::new(KmsgStats::default()),
+            epoch: log_clock_epoch(),
+            health,
+            stats,
         })
     }
 
-    /// Reads until the file fails; calls `emit` for each conntrack message of our namespace.
+    fn save(&self) {
+        let Some(p) = &self.state else { return };
+        match save_position(p, &self.pos) {
+            Ok(()) => self.health.restore("kernel log position"),
+            Err(e) => {
+                if self.stats.position_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!(path = %p.display(), error = %e, "cannot save the kernel log position: a restart may report old lines again");
+                }
+                self.health.degrade(
+                    "kernel log position",
+                    format!("cannot save {}: {e}", p.display()),
+                );
+            }
+        }
+    }
+
+    /// Reads until `emit` returns false (the monitor is gone); calls it for each conntrack
+    /// message the kernel wrote for our namespace. Read errors make the watcher wait and open
+    /// its source again; it never returns for them.
     pub fn run(mut self, mut emit: impl FnMut(KmsgEvent) -> bool) {
-        let mut buf = vec![0u8; 8192];
+        let fault = crate::supervise::test_fault("kmsg");
+        let mut buf = Vec::with_capacity(8192);
         let mut last_seq: Option<u64> = None;
         loop {
-            let n = match self.file.read(&mut buf) {
-                Ok(0) => continue,
-                Ok(n) => n,
+            match self.source.next(&mut buf) {
+                Ok(Some(())) => {}
+                Ok(None) => {
+                    // A file at its end (or a device read of nothing): wait for more.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
                     // Overwritten before we read it; the next read resumes at the oldest.
                     self.stats.gaps.fetch_add(1, Ordering::Relaxed);
@@ -219,13 +282,28 @@ impl Watcher {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!(error = %e, "kernel log watcher stopped");
-                    return;
+                    warn!(error = %e, path = %self.path.display(), "kernel log read failed; opening it again shortly");
+                    self.health
+                        .degrade("kernel log", format!("{}: {e}", self.path.display()));
+                    loop {
+                        std::thread::sleep(REOPEN_AFTER);
+                        if let Ok(s) = Source::open(&self.path, true) {
+                            self.source = s;
+                            self.health.restore("kernel log");
+                            break;
+                        }
+                    }
+                    continue;
                 }
-            };
-            let raw = String::from_utf8_lossy(&buf[..n]);
+            }
+            if fault {
+                panic!("CTWATCHD_TEST_FAULT=kmsg");
+            }
+            let raw = String::from_utf8_lossy(&buf);
             let Some(rec) = parse_record(&raw) else {
-                self.stats.garbage.fetch_add(1, Ordering::Relaxed);
+                if !raw.trim().is_empty() {
+                    self.stats.garbage.fetch_add(1, Ordering::Relaxed);
+                }
                 continue;
             };
             self.stats.records.fetch_add(1, Ordering::Relaxed);
@@ -243,6 +321,10 @@ impl Watcher {
             let Some(kind) = classify(rec.text) else {
                 continue;
             };
+            if rec.facility != FACILITY_KERNEL {
+                self.stats.not_kernel.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if let KmsgKind::TableFull { netns: Some(ns) } = kind {
                 if self.netns.is_some_and(|own| own != ns) {
                     self.stats.other_netns.fetch_add(1, Ordering::Relaxed);
@@ -250,17 +332,17 @@ impl Watcher {
                 }
             }
             self.stats.matched.fetch_add(1, Ordering::Relaxed);
+            let at = self.epoch + rec.usec as f64 / 1e6;
             if !emit(KmsgEvent {
                 kind,
                 seq: rec.seq,
                 usec: rec.usec,
+                at: (at > 0.0).then_some(at as u64),
             }) {
                 return;
             }
             self.pos.seq = rec.seq;
-            if let Some(p) = &self.state {
-                save_position(p, &self.pos);
-            }
+            self.save();
         }
     }
 }
@@ -270,76 +352,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_parse() {
-        let r =
-            parse_record("4,1234,5678901,-;nf_conntrack: table full, dropping packet\n").unwrap();
-        assert_eq!((r.prio, r.seq, r.usec), (4, 1234, 5678901));
-        assert_eq!(r.text, "nf_conntrack: table full, dropping packet");
-        // Facility bits in the prefix; extra header fields; continuation lines.
-        let r = parse_record("12,7,100,c,caller=T1;net_ratelimit: 3 callbacks suppressed\n SUBSYSTEM=net\n DEVICE=n1\n").unwrap();
-        assert_eq!((r.prio, r.seq), (4, 7));
-        assert_eq!(classify(r.text), Some(KmsgKind::Suppressed(3)));
-        assert!(parse_record("garbage").is_none());
-        assert!(parse_record("x,1,2,-;text").is_none());
-        assert!(parse_record("").is_none());
+    fn positions_are_saved_durably_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("ctwatch-kmsg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("kmsg.position");
+        let pos = Position {
+            boot_id: "abc".into(),
+            seq: 42,
+        };
+        save_position(&p, &pos).unwrap();
+        assert_eq!(load_position(&p), Some(pos));
+        assert!(save_position(
+            &dir.join("missing/dir/pos"),
+            &Position {
+                boot_id: "x".into(),
+                seq: 1
+            }
+        )
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn every_variant_of_table_full() {
-        let full = |n| Some(KmsgKind::TableFull { netns: n });
-        assert_eq!(
-            classify("nf_conntrack: table full, dropping packet"),
-            full(None)
-        );
-        assert_eq!(
-            classify("nf_conntrack: table full, dropping packet."),
-            full(None)
-        );
-        assert_eq!(
-            classify("nf_conntrack: nf_conntrack: table full, dropping packet"),
-            full(None)
-        );
-        assert_eq!(
-            classify("ip_conntrack: table full, dropping packet."),
-            full(None)
-        );
-        assert_eq!(
-            classify("nf_conntrack: nf_conntrack: table full in netns 4026532177, dropping packet"),
-            full(Some(4026532177))
-        );
-        assert_eq!(
-            classify("nf_conntrack: table full in netns 17, dropping packet."),
-            full(Some(17))
-        );
-        assert_eq!(
-            classify("nf_conntrack: expectation table full"),
-            Some(KmsgKind::ExpectationFull)
-        );
-        assert_eq!(
-            classify("net_ratelimit: 1291 callbacks suppressed"),
-            Some(KmsgKind::Suppressed(1291))
-        );
-    }
-
-    #[test]
-    fn other_lines_are_not_matched() {
-        for t in [
-            "nf_conntrack: default automatic helper assignment has been turned off",
-            "nf_conntrack version 0.5.0 (65536 buckets, 262144 max)",
-            "table full, dropping packet",
-            "nf_conntrack: table full in netns x, dropping packet",
-            "nf_conntrack: table full, dropping",
-            "net_ratelimit: many callbacks suppressed",
-            "eth0: link up \\x0a nf_conntrack: table full, dropping packet",
-            "",
-        ] {
-            assert_eq!(classify(t), None, "{t:?}");
-        }
-        // An escaped byte elsewhere in the line does not hide a match.
-        assert_eq!(
-            classify("nf_conntrack: table full, dropping packet \\x2e"),
-            None,
-            "text after 'packet' is not the message"
-        );
+    fn the_log_clock_epoch_is_in_the_past() {
+        let e = log_clock_epoch();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(e > 0.0 && e < now, "{e}");
     }
 }

@@ -1,97 +1,150 @@
 //! ctwatchd: makes Linux connection tracking observable.
 //!
-//! `run` wires the parts: the reader thread (ctnetlink events and dumps, the live picture),
-//! and the Varlink server that answers `ctctl`. `main.rs` only parses flags, sets up logging,
-//! enters the network namespace and calls `run`.
+//! `run` wires the parts, each on a thread of its own:
+//! - the **reader** (`reader`): drains ctnetlink events and dumps into the live picture,
+//!   closes history buckets, publishes snapshots; it answers no one;
+//! - the **monitor** (`monitor`): polls the kernel's statistics, runs the incident engine;
+//! - the **kernel-log watcher** (`kmsg`): table-full lines for the monitor;
+//! - the **history writer** (`history::writer`): the store's only writer;
+//! - the **server** (`server`), on the async runtime at a lower priority: answers `ctctl`
+//!   from what the others publish.
+//!
+//! Any of the threads dying ends the daemon with an error (`supervise`), so that systemd
+//! restarts it. `main.rs` only parses flags, sets up logging, enters the network namespace and
+//! calls `run`.
 
 pub mod advise;
 pub mod config;
 pub mod conntrack;
+pub mod dims;
+pub mod fold;
 pub mod history;
 pub mod incidents;
 pub mod kmsg;
+pub mod monitor;
 pub mod notify;
 pub mod reader;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod supervise;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::Config;
+use supervise::{Fatal, Health};
 
-/// Runs the daemon until `shutdown` is cancelled.
+/// Joins a supervised thread off the async runtime, giving up after `within`.
+async fn join(t: std::thread::JoinHandle<()>, within: Duration) {
+    let _ = tokio::time::timeout(within, tokio::task::spawn_blocking(move || t.join())).await;
+}
+
+/// Runs the daemon until `shutdown` is cancelled, or until one of its threads dies (then it
+/// returns the error, and the process should exit non-zero).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let fatal = Fatal::new();
+    let health = Health::new();
+    let started = Instant::now();
     // History first: its store opens before anything else can fail or be killed.
-    let history = match config.history.clone() {
+    let (history, writer) = match config.history.clone() {
         Some(hcfg) => {
-            if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+            if let Err(e) = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(&config.state_dir)
+            {
                 warn!(dir = %config.state_dir.display(), error = %e, "cannot create the state directory");
             }
-            Some(
-                tokio::task::spawn_blocking(move || history::writer::start(hcfg))
-                    .await
-                    .context("history start panicked")?,
-            )
+            let (h, w) = tokio::task::spawn_blocking(move || history::writer::open(hcfg))
+                .await
+                .context("history start panicked")?;
+            (Some(h), Some(w))
         }
-        None => None,
-    };
-    let (history, history_thread) = match history {
-        Some((h, t)) => (Some(h), Some(t)),
         None => (None, None),
     };
-    // The kernel log: opened before the reader so its figures can be reported; read after.
-    let (watcher, kinfo) = if config.kmsg {
-        let state = config
+    let writer_thread = match writer {
+        Some(w) => Some(
+            supervise::spawn("ct-history", fatal.clone(), move || w.run())
+                .context("cannot start the history writer")?,
+        ),
+        None => None,
+    };
+
+    // The reader starts on its own thread (at the default priority, which the threads it
+    // creates inherit), runs the startup dump there, and reports back.
+    let kernel = monitor::Kernel::default();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let rcfg = config.reader.clone();
+    let (rhist, rkernel, rfatal) = (history.clone(), kernel.clone(), fatal.clone());
+    let reader_thread = supervise::spawn("ct-reader", fatal.clone(), move || {
+        match reader::Reader::start(rcfg, rhist, rkernel) {
+            Ok((r, h)) => {
+                let _ = ready_tx.send(Ok(h));
+                r.run();
+            }
+            Err(e) => {
+                // Reported by `run`'s caller; not a death to restart for.
+                rfatal.set_stopping();
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })
+    .context("cannot start the reader thread")?;
+    let handle = ready_rx
+        .await
+        .context("the reader thread died while starting")??;
+
+    let engine = incidents::Engine::new(
+        config.incidents.clone(),
+        kmsg::own_netns().map(|n| n.to_string()),
+        history.clone(),
+    );
+    let (mon, monitor) = monitor::Monitor::new(
+        conntrack::RequestSocket::open()?,
+        kernel.clone(),
+        engine,
+        handle.published.clone(),
+        health.clone(),
+    );
+    let monitor_thread = supervise::spawn("ct-monitor", fatal.clone(), move || mon.run())
+        .context("cannot start the monitor")?;
+
+    // The kernel log: a part that may not work (no CAP_SYSLOG, no device); then the daemon
+    // runs degraded and keeps trying.
+    let kmsg_stats = config.kmsg.then(|| Arc::new(kmsg::KmsgStats::default()));
+    if let Some(stats) = kmsg_stats.clone() {
+        let path = config.kmsg_path.clone();
+        let position = config
             .history
             .as_ref()
             .map(|_| config.state_dir.join("kmsg.position"));
-        match kmsg::Watcher::open(std::path::Path::new("/dev/kmsg"), state) {
-            Ok(w) => {
-                let stats = w.stats.clone();
-                (
-                    Some(w),
-                    reader::KmsgInfo {
-                        stats: Some(stats),
-                        error: None,
-                    },
-                )
+        let (m, h) = (monitor.clone(), health.clone());
+        supervise::spawn("ct-kmsg", fatal.clone(), move || loop {
+            match kmsg::Watcher::open(&path, position.clone(), h.clone(), stats.clone()) {
+                Ok(w) => {
+                    h.restore("kernel log");
+                    w.run(|ev| m.kmsg(ev));
+                    return;
+                }
+                Err(e) => {
+                    if !h.degraded().iter().any(|d| d.starts_with("kernel log:")) {
+                        warn!(path = %path.display(), error = %e, "cannot read the kernel log (CAP_SYSLOG?): incidents come from the kernel counters only");
+                    }
+                    h.degrade("kernel log", format!("{}: {e}", path.display()));
+                    std::thread::sleep(Duration::from_secs(5));
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "cannot read /dev/kmsg (CAP_SYSLOG?): incidents come from the kernel counters only");
-                (
-                    None,
-                    reader::KmsgInfo {
-                        stats: None,
-                        error: Some(format!("/dev/kmsg: {e}")),
-                    },
-                )
-            }
-        }
-    } else {
-        (None, reader::KmsgInfo::default())
-    };
-    let rcfg = config.reader.clone();
-    let rhist = history.clone();
-    let (reader, handle) =
-        tokio::task::spawn_blocking(move || reader::Reader::start(rcfg, rhist, kinfo))
-            .await
-            .context("reader start panicked")??;
-    if let Some(w) = watcher {
-        let h = handle.clone();
-        // Blocking reads; the thread ends with the process.
-        std::thread::Builder::new()
-            .name("ct-kmsg".into())
-            .spawn(move || w.run(|ev| h.kmsg(ev)))
-            .context("cannot start the kernel log watcher")?;
+        })
+        .context("cannot start the kernel log watcher")?;
     }
-    let thread = reader.spawn().context("cannot start the reader thread")?;
 
     let gid = match config.server.group.as_deref() {
         Some(name) => {
@@ -113,8 +166,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         gid,
         server::Ctx {
             reader: handle.clone(),
-            netns: config.netns.as_ref().map(|p| p.display().to_string()),
+            kernel: kernel.clone(),
+            monitor: monitor.clone(),
             history: history.clone(),
+            kmsg: kmsg_stats,
+            health: health.clone(),
+            netns: config.netns.as_ref().map(|p| p.display().to_string()),
+            started,
+            heavy: Arc::new(tokio::sync::Semaphore::new(config.server.heavy_requests)),
+            request_timeout: config.server.request_timeout,
+            advise: advise::Cache::default(),
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");
@@ -124,45 +185,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         "ctwatchd ready"
     );
 
-    let watchdog = tokio::spawn(watchdog(handle.clone(), shutdown.clone()));
-    srv.run(shutdown.clone()).await;
+    let stop_server = CancellationToken::new();
+    let server_task = tokio::spawn(srv.run(stop_server.clone()));
+    let watchdog = tokio::spawn(watchdog(handle.clone(), kernel, stop_server.clone()));
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = fatal.tripped() => {}
+    }
+    fatal.set_stopping();
     notify::notify("STOPPING=1");
+    stop_server.cancel();
+    let _ = server_task.await;
     watchdog.abort();
-    handle.shutdown();
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    // The reader handed over its last bucket; let the writer finish and flush.
-    if let (Some(h), Some(t)) = (history, history_thread) {
-        let _ = tokio::task::spawn_blocking(move || {
-            h.stop();
-            t.join()
-        })
-        .await;
+    // The reader hands its last bucket to the writer; the monitor its incidents; then the
+    // writer finishes what is queued and flushes.
+    handle.control.stop();
+    join(reader_thread, Duration::from_secs(10)).await;
+    monitor.stop();
+    join(monitor_thread, Duration::from_secs(5)).await;
+    if let (Some(h), Some(t)) = (history, writer_thread) {
+        let _ = tokio::task::spawn_blocking(move || h.stop()).await;
+        join(t, Duration::from_secs(10)).await;
+    }
+    if let Some(why) = fatal.reason() {
+        bail!("{why}");
     }
     info!("ctwatchd stopped");
     Ok(())
 }
 
-/// Pings systemd's watchdog while the reader thread keeps turning, and updates STATUS=.
-async fn watchdog(handle: reader::Handle, shutdown: CancellationToken) {
+/// Pings systemd's watchdog while the reader keeps turning (its heartbeat moves with every
+/// loop turn and with every datagram of a dump, so a long dump is not a hang), and updates
+/// STATUS=.
+async fn watchdog(reader: reader::Handle, kernel: monitor::Kernel, shutdown: CancellationToken) {
     let Some(interval) = notify::watchdog_interval() else {
         return;
     };
-    let mut tick = tokio::time::interval(interval / 3);
+    let mut tick = tokio::time::interval((interval / 3).max(Duration::from_millis(10)));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         // A stuck reader (or a stopped process) stops the pings, and systemd restarts us.
-        if handle.since_heartbeat() < interval {
+        if reader.control.since_heartbeat() < interval {
             notify::notify("WATCHDOG=1");
         }
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), handle.status()).await {
-            notify::notify(&format!(
-                "STATUS={} entries of {} ({:.1}%), {} tracked",
-                s.count, s.max, s.usage_pct, s.live
-            ));
-        }
+        let k = kernel.view();
+        let s = reader.snapshot();
+        notify::notify(&format!(
+            "STATUS={} entries of {} ({:.1}%), {} tracked",
+            k.stats.entries,
+            k.stats.max,
+            stats::snapshot::pct(k.stats.entries, k.stats.max),
+            s.live
+        ));
     }
 }
 

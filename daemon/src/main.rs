@@ -95,10 +95,14 @@ fn start(config: Config) -> anyhow::Result<()> {
         ctwatchd::enter_netns(ns)?;
     }
     ctwatchd::check_net_admin()?;
+    // The runtime's threads answer clients: they run below the reader's priority, and their
+    // number is bounded (two workers, a small blocking pool for heavy requests and the store).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(8)
         .enable_all()
         .thread_name("ctwatchd-rt")
+        .on_thread_start(|| ctwatchd::supervise::lower_priority(ctwatchd::supervise::NICE_CLIENTS))
         .build()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

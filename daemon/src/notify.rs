@@ -22,9 +22,13 @@ pub fn notify(state: &str) {
     };
 }
 
-/// The watchdog interval systemd asked for, if any (`WatchdogSec=`).
+/// The watchdog interval systemd asked for, if any (`WatchdogSec=`). `WATCHDOG_USEC=0` (or
+/// garbage) means no watchdog: systemd never sends 0, so it is a hand-made environment.
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if usec == 0 {
+        return None;
+    }
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok()? != std::process::id() {
             return None;

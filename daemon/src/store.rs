@@ -209,6 +209,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Blobs of one dimension with `t0 <= t < t1`, oldest first, read lazily.
+    pub fn range_iter(
+        &self,
+        tier: Tier,
+        dim: u8,
+        t0: u64,
+        t1: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> {
+        let range = if t1 > t0 {
+            self.tree(tier).range(key(dim, t0)..key(dim, t1))
+        } else {
+            self.tree(tier).range(key(dim, t0)..key(dim, t0))
+        };
+        range.filter_map(|kv| match kv {
+            Ok((k, v)) if k.len() == 9 => Some(Ok((
+                u64::from_be_bytes(k[1..9].try_into().expect("9-byte key")),
+                v,
+            ))),
+            Ok(_) => None,
+            Err(source) => Some(Err(StoreError::Io {
+                what: "read",
+                source,
+            })),
+        })
+    }
+
     /// Oldest bucket start held in a tier (any dimension), if any.
     pub fn oldest(&self, tier: Tier) -> Option<u64> {
         self.tree(tier)
@@ -263,18 +289,27 @@ impl Store {
         Ok(())
     }
 
-    /// Every incident kept, oldest first.
-    pub fn incidents(&self) -> Result<Vec<sled::IVec>, StoreError> {
-        self.incidents
-            .iter()
-            .values()
-            .map(|v| {
-                v.map_err(|source| StoreError::Io {
-                    what: "read",
-                    source,
-                })
-            })
-            .collect()
+    /// Incidents newest first, from the one below `before` (every one when `None`), read
+    /// lazily: a page costs what it shows.
+    pub fn incidents_newest_first_from(
+        &self,
+        before: Option<u64>,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> {
+        let end = before.unwrap_or(u64::MAX);
+        self.incidents.range(..end.to_be_bytes()).rev().map(|kv| {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                what: "read",
+                source,
+            })?;
+            let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            Ok((id, v))
+        })
+    }
+
+    /// Incidents newest first, decoded (unreadable ones skipped: see `decode_incident`).
+    pub fn incidents_newest_first(&self) -> impl Iterator<Item = Option<ctwatch_proto::Incident>> {
+        self.incidents_newest_first_from(None)
+            .map(|r| r.ok().and_then(|(_, b)| decode_incident(&b)))
     }
 
     pub fn incident(&self, id: u64) -> Result<Option<sled::IVec>, StoreError> {
@@ -308,9 +343,20 @@ impl Store {
         Ok(n)
     }
 
+    /// Incidents kept, for tests and status.
+    pub fn incident_count(&self) -> usize {
+        self.incidents.len()
+    }
+
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// An incident as stored: its JSON. Fields added later read as their defaults, so an incident
+/// written by an older ctwatchd still reads; `None` for a blob that is not an incident.
+pub fn decode_incident(blob: &[u8]) -> Option<ctwatch_proto::Incident> {
+    serde_json::from_slice(blob).ok()
 }
 
 #[cfg(test)]

@@ -31,6 +31,12 @@ pub struct EventCounters {
     pub decode_errors: u64,
     #[serde(default)]
     pub rcvbuf: u64,
+    /// Netlink messages not sent by the kernel (a process forging events), dropped unread.
+    #[serde(default)]
+    pub forged: u64,
+    /// Dumps that failed part-way (each is retried).
+    #[serde(default)]
+    pub dump_failures: u64,
 }
 
 /// Kernel conntrack statistics (IPCTNL_MSG_CT_GET_STATS_CPU), summed over CPUs.
@@ -88,6 +94,8 @@ pub struct StatusReply {
     pub memory_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub health: HealthStatus,
 }
 
 /// The kernel log watcher.
@@ -100,8 +108,31 @@ pub struct KmsgStatus {
     /// Records lost before they were read.
     pub gaps: u64,
     pub garbage: u64,
+    /// Conntrack lines written to the kernel log by userspace (not facility 0): ignored.
+    #[serde(default)]
+    pub not_kernel: u64,
+    /// Failures to save the resume position (a restart may then report old lines again).
+    #[serde(default)]
+    pub position_errors: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The daemon's own health: what runs degraded, and how fresh the answers are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealthStatus {
+    /// Parts that cannot work now, each `part: reason` (empty when all is well).
+    #[serde(default)]
+    pub degraded: Vec<String>,
+    /// Age of the live picture answers are taken from (published every ~100 ms).
+    #[serde(default)]
+    pub snapshot_age_ms: u64,
+    /// Age of the kernel's figures (polled every second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_age_ms: Option<u64>,
+    /// A dump in progress, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dumping: Option<String>,
 }
 
 /// The key a ranking groups entries by.
@@ -133,6 +164,66 @@ impl Dimension {
             Dimension::Flow => "flow",
             Dimension::Backend => "backend",
         }
+    }
+}
+
+/// A field of a ranking's key. Which ones a dimension has is said once, in
+/// [`Dimension::key_fields`], and every layer (live rankings, history, query filters, ctctl's
+/// columns and JSON) asks there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyField {
+    Proto,
+    Src,
+    Dst,
+    Dport,
+    Backend,
+    BackendPort,
+}
+
+impl KeyField {
+    /// The field's name in JSON rows (`TopEntry`, `QueryRow`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyField::Proto => "proto",
+            KeyField::Src => "src",
+            KeyField::Dst => "dst",
+            KeyField::Dport => "dport",
+            KeyField::Backend => "backend",
+            KeyField::BackendPort => "backend_port",
+        }
+    }
+}
+
+impl Dimension {
+    /// The key fields of a row of this dimension, in column order (family and zone, which
+    /// every row has, aside).
+    pub const fn key_fields(self) -> &'static [KeyField] {
+        use KeyField::*;
+        match self {
+            Dimension::Service => &[Proto, Dst, Dport],
+            Dimension::Client => &[Src],
+            Dimension::Flow => &[Proto, Src, Dst, Dport],
+            Dimension::Backend => &[Proto, Backend, BackendPort],
+        }
+    }
+
+    pub fn has(self, f: KeyField) -> bool {
+        self.key_fields().contains(&f)
+    }
+
+    /// The address a `--dst`/`dst` filter applies to: the destination, or for backends the
+    /// backend's address. `None` where the dimension keeps neither.
+    pub fn dst_field(self) -> Option<KeyField> {
+        [KeyField::Dst, KeyField::Backend]
+            .into_iter()
+            .find(|&f| self.has(f))
+    }
+
+    /// The port a `--port`/`port` filter applies to: the destination port, or the backend's.
+    pub fn port_field(self) -> Option<KeyField> {
+        [KeyField::Dport, KeyField::BackendPort]
+            .into_iter()
+            .find(|&f| self.has(f))
     }
 }
 
@@ -179,6 +270,79 @@ pub struct TopEntry {
     /// New entries per second (in incident snapshots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_per_sec: Option<f64>,
+}
+
+/// Rows that carry key fields (`TopEntry`, `QueryRow`), read field by field, so a renderer can
+/// follow `Dimension::key_fields` instead of spelling each dimension out.
+pub trait KeyedRow {
+    fn key_field(&self, f: KeyField) -> Option<String>;
+    fn zone(&self) -> Option<u16>;
+    fn is_other(&self) -> bool;
+}
+
+macro_rules! keyed_row {
+    ($t:ty) => {
+        impl KeyedRow for $t {
+            fn key_field(&self, f: KeyField) -> Option<String> {
+                match f {
+                    KeyField::Proto => self.proto.clone(),
+                    KeyField::Src => self.src.clone(),
+                    KeyField::Dst => self.dst.clone(),
+                    KeyField::Dport => self.dport.map(|p| p.to_string()),
+                    KeyField::Backend => self.backend.clone(),
+                    KeyField::BackendPort => self.backend_port.map(|p| p.to_string()),
+                }
+            }
+            fn zone(&self) -> Option<u16> {
+                self.zone
+            }
+            fn is_other(&self) -> bool {
+                self.other == Some(true)
+            }
+        }
+    };
+}
+keyed_row!(TopEntry);
+keyed_row!(QueryRow);
+
+impl TopEntry {
+    /// A service as people write it: `udp 10.96.0.10:53`, `tcp [fd00::1]:443`, or `(other)`.
+    pub fn service_label(&self) -> String {
+        if self.other == Some(true) {
+            return "(other)".into();
+        }
+        match (&self.proto, &self.dst, self.dport) {
+            (Some(p), Some(d), Some(port)) => format!("{p} {}", host_port(d, port)),
+            _ => "(other)".into(),
+        }
+    }
+}
+
+/// `addr:port`, with IPv6 addresses in brackets.
+pub fn host_port(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+/// The `nf_conntrack` slab object size from the text of /proc/slabinfo (which only root may
+/// read: ctctl run as root passes it to the daemon, which runs unprivileged).
+pub fn slab_object_size(slabinfo: &str) -> Option<u64> {
+    slabinfo
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+}
+
+/// Bytes as people read them: `1.5 GiB`, `64.0 MiB`, `3.0 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -313,6 +477,37 @@ pub struct QueryParams {
 
 /// Default number of rows of a query.
 pub const DEFAULT_QUERY_TOP: usize = 20;
+/// Most points one series of a query may have.
+pub const MAX_POINTS: u64 = 10_000;
+/// Most points one query may return in all: (top + 1) series (the shown rows and `(other)`)
+/// of `points` each. Bounds a query's memory whatever its range and step.
+pub const MAX_QUERY_CELLS: u64 = 250_000;
+
+/// Parameters of `io.ctwatch.Incidents`: one page, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IncidentsParams {
+    /// Only incidents that started at or after this (Unix seconds).
+    pub since: u64,
+    /// Only incidents with an id below this (the `next_before` of the previous page).
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+/// A page of `io.ctwatch.Incidents`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IncidentsReply {
+    pub incidents: Vec<Incident>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
+    /// Stored incidents met on the way that could not be read (counted, not shown).
+    #[serde(default)]
+    pub unreadable: u64,
+}
+
+/// Incidents per page by default, and at most.
+pub const DEFAULT_INCIDENTS_PAGE: usize = 100;
+pub const MAX_INCIDENTS_PAGE: usize = 1000;
 
 /// One point of a time series.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -382,6 +577,12 @@ pub struct QueryReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_secs: Option<u64>,
     pub rows: Vec<QueryRow>,
+    /// Set when more distinct keys matched than one query totals: the rest are in `(other)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_truncated: Option<bool>,
+    /// Stored buckets in the range that could not be read (counted, not shown).
+    #[serde(default)]
+    pub corrupt_buckets: u64,
 }
 
 /// Lifetime histogram bounds, in seconds (the last bin is open).
@@ -486,6 +687,7 @@ pub struct Peak {
 
 /// The top keys at one moment of an incident.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Snapshot {
     pub t: String,
     pub count: u64,
@@ -499,8 +701,11 @@ pub struct Snapshot {
     pub top_backends_by_rate: Vec<TopEntry>,
 }
 
-/// A table-full episode (`table_full`) or a DNS insert race (`insert_race`).
+/// A table-full episode (`table_full`) or a DNS insert race (`insert_race`). Stored as this
+/// JSON: every field has a default, so an incident saved by an older ctwatchd (without a field
+/// added since) still reads.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Incident {
     pub id: u64,
     pub kind: String,

@@ -31,6 +31,11 @@ pub mod errors {
     /// ctwatch's own: the message was not a Varlink call (bad JSON, too large, not an object).
     pub const INVALID_REQUEST: &str = "io.ctwatch.InvalidRequest";
     pub const NO_SUCH_INCIDENT: &str = "io.ctwatch.NoSuchIncident";
+    /// ctwatch's own: a parameter asks for more than one request may cost; names the
+    /// parameter and its bound.
+    pub const LIMIT_EXCEEDED: &str = "io.ctwatch.LimitExceeded";
+    /// ctwatch's own: the request did not finish within the daemon's per-request deadline.
+    pub const DEADLINE_EXCEEDED: &str = "io.ctwatch.DeadlineExceeded";
 }
 
 /// A method call.

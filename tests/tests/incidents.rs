@@ -173,9 +173,57 @@ fn netns_inode(ns: &Netns) -> u64 {
     std::fs::metadata(ns.path()).unwrap().ino()
 }
 
-/// Writes a record into the kernel log, as the kernel would print it.
-fn inject(line: &str) {
-    std::fs::write("/dev/kmsg", format!("<4>{line}\n")).expect("write /dev/kmsg (root)");
+/// A kernel log the test owns (`[incidents] kmsg_path`): records in /dev/kmsg's format, one per
+/// line, appended as the kernel would write them. The daemon believes only the kernel's own
+/// records (facility 0), and a test cannot write those to /dev/kmsg.
+struct KernelLog {
+    path: std::path::PathBuf,
+    seq: u64,
+}
+
+impl KernelLog {
+    fn new(dir: &Path) -> KernelLog {
+        let path = dir.join("kmsg");
+        std::fs::write(&path, "").unwrap();
+        KernelLog { path, seq: 1000 }
+    }
+
+    fn config(&self) -> String {
+        CONFIG.replace(
+            "[history]",
+            &format!("kmsg_path = \"{}\"\n[history]", self.path.display()),
+        )
+    }
+
+    /// Appends a record with the given syslog prefix value (level | facility << 3), dated now.
+    fn write(&mut self, prefix: u32, text: &str) {
+        use std::io::Write;
+        self.seq += 1;
+        // SAFETY: clock_gettime fills a live timespec.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .unwrap();
+        writeln!(f, "{prefix},{},{usec},-;{text}", self.seq).unwrap();
+    }
+
+    /// A line the kernel wrote (facility 0, level warning).
+    fn kernel(&mut self, text: &str) {
+        self.write(4, text);
+    }
+}
+
+fn start_with(ns: &Netns, state: &Path, config: &str) -> Daemon {
+    Daemon::start(
+        ns,
+        DaemonOpts {
+            config: config.into(),
+            state_dir: Some(state.to_path_buf()),
+        },
+    )
 }
 
 #[test]
@@ -183,14 +231,21 @@ fn kernel_log_lines_open_incidents_once_even_across_a_restart() {
     let ns = setup();
     let dir = TempDir::new("kmsg");
     let state = dir.path().join("state");
-    let mut d = start(&ns, &state);
+    let mut log = KernelLog::new(dir.path());
+    let config = log.config();
+    let mut d = start_with(&ns, &state, &config);
     let ino = netns_inode(&ns);
-    // Another namespace's line is ignored; ours opens an incident (counters unchanged).
-    inject("nf_conntrack: nf_conntrack: table full in netns 1, dropping packet");
-    inject(&format!(
+    // Another namespace's line is ignored, and so is one a user wrote (facility LOG_USER);
+    // ours opens an incident (counters unchanged).
+    log.kernel("nf_conntrack: nf_conntrack: table full in netns 1, dropping packet");
+    log.write(
+        12,
+        &format!("nf_conntrack: nf_conntrack: table full in netns {ino}, dropping packet"),
+    );
+    log.kernel(&format!(
         "nf_conntrack: nf_conntrack: table full in netns {ino}, dropping packet"
     ));
-    inject(&format!(
+    log.kernel(&format!(
         "nf_conntrack: table full in netns {ino}, dropping packet."
     ));
     let list = wait_for(
@@ -211,25 +266,52 @@ fn kernel_log_lines_open_incidents_once_even_across_a_restart() {
         list[0]
     );
     let s = d.json(&["status"]);
-    assert!(s["kmsg"]["matched"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["kmsg"]["matched"].as_u64(), Some(2), "{s}");
+    assert_eq!(s["kmsg"]["not_kernel"].as_u64(), Some(1), "{s}");
     assert_eq!(s["incidents_open"].as_array().unwrap().len(), 1);
     wait_for("the incident to close", Duration::from_secs(10), || {
         (!incidents(&d)[0]["end"].is_null()).then_some(())
     });
-    // A restart does not replay the lines already handled.
+    // A restart reads the log from the start again, but does not replay the lines already
+    // handled: a marker line after them shows that the old ones were read and skipped.
     assert!(d.stop().success());
-    let d = start(&ns, &state);
-    std::thread::sleep(Duration::from_millis(1500));
+    let d = start_with(&ns, &state, &config);
+    log.kernel("nf_conntrack: expectation table full");
+    wait_for(
+        "the restarted watcher to reach the end of the log",
+        Duration::from_secs(5),
+        || (d.json(&["status"])["kmsg"]["matched"].as_u64() >= Some(1)).then_some(()),
+    );
     let list = incidents(&d);
     assert_eq!(list.len(), 1, "old kernel lines re-alerted: {list:?}");
     assert!(d
         .log_text()
         .contains("resuming after the last record handled"));
     // A new line after the restart is a new incident.
-    inject(&format!(
+    log.kernel(&format!(
         "nf_conntrack: nf_conntrack: table full in netns {ino}, dropping packet"
     ));
     wait_for("a second incident", Duration::from_secs(5), || {
         (incidents(&d).len() == 2).then_some(())
     });
+}
+
+/// Only the kernel is believed: a "table full" line written to /dev/kmsg from userspace (as
+/// any root process can) opens no incident.
+#[test]
+fn a_userspace_write_to_the_kernel_log_opens_no_incident() {
+    let ns = setup();
+    let dir = TempDir::new("kmsg-user");
+    let d = start(&ns, &dir.path().join("state"));
+    let ino = netns_inode(&ns);
+    let line = format!("nf_conntrack: nf_conntrack: table full in netns {ino}, dropping packet");
+    // With a kernel-looking prefix (<4>: facility 0), which the kernel turns into LOG_USER.
+    std::fs::write("/dev/kmsg", format!("<4>{line}\n")).expect("write /dev/kmsg (root)");
+    std::fs::write("/dev/kmsg", format!("{line}\n")).unwrap();
+    wait_for(
+        "the watcher to read both lines",
+        Duration::from_secs(5),
+        || (d.json(&["status"])["kmsg"]["not_kernel"].as_u64() >= Some(2)).then_some(()),
+    );
+    assert!(incidents(&d).is_empty(), "{:?}", incidents(&d));
 }

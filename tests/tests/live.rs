@@ -68,9 +68,16 @@ fn status_and_top_equal_the_kernel_per_service() {
     });
     assert_eq!(got, kernel);
 
-    let s = status(&d);
+    // Answers are at most ~100 ms old (the live picture and the kernel's figures alike).
+    let s = wait_for(
+        "status to show the kernel's count",
+        Duration::from_secs(2),
+        || {
+            let s = status(&d);
+            (s["count"].as_u64() == Some(19)).then_some(s)
+        },
+    );
     assert_eq!(s["count"].as_u64(), Some(ns.conntrack_count()));
-    assert_eq!(s["count"].as_u64(), Some(19));
     assert_eq!(s["live"].as_u64(), Some(19));
     assert_eq!(
         s["max"].as_u64().unwrap(),

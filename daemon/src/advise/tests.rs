@@ -103,11 +103,13 @@ fn old_kernel_uses_four_entries_per_bucket() {
 fn time_wait_heavy_node() {
     let mut i = base();
     i.count = 10_000;
-    i.census.tcp_states[TIME_WAIT] = 8000;
+    std::sync::Arc::make_mut(&mut i.census).tcp_states[TIME_WAIT] = 8000;
     // 5000 entered TIME_WAIT 100 s ago (20 s left), 3000 just now (119 s left).
-    i.census.time_wait_left = [vec![20u32; 5000], vec![119u32; 3000]].concat();
-    i.census.tcp_states[ESTABLISHED] = 2000;
-    i.census.established_left = [vec![431_000u32; 1500], vec![100_000u32; 500]].concat();
+    std::sync::Arc::make_mut(&mut i.census).time_wait_left =
+        [vec![20u32; 5000], vec![119u32; 3000]].concat();
+    std::sync::Arc::make_mut(&mut i.census).tcp_states[ESTABLISHED] = 2000;
+    std::sync::Arc::make_mut(&mut i.census).established_left =
+        [vec![431_000u32; 1500], vec![100_000u32; 500]].concat();
     let a = advise(&i);
     let tw = item(&a, "tcp_timeout_time_wait").unwrap();
     assert_eq!(
@@ -135,8 +137,9 @@ fn time_wait_heavy_node() {
 fn many_unreplied_udp_entries() {
     let mut i = base();
     i.count = 1000;
-    i.census.udp_unreplied = 600;
-    i.census.udp_unreplied_left = [vec![25u32; 200], vec![5u32; 400]].concat();
+    std::sync::Arc::make_mut(&mut i.census).udp_unreplied = 600;
+    std::sync::Arc::make_mut(&mut i.census).udp_unreplied_left =
+        [vec![25u32; 200], vec![5u32; 400]].concat();
     let a = advise(&i);
     let u = item(&a, "udp_timeout").unwrap();
     assert_eq!(u.freed_now, Some(400));

@@ -3,9 +3,16 @@
 //! `decode`; what to do with entries lives in the reader.
 //!
 //! Requests are built with netlink-packet-netfilter; replies are walked by `decode`.
+//!
+//! Only the kernel is believed. Both sockets are connected to the kernel (port 0), so the
+//! kernel refuses unicasts to them from any other socket; and every datagram's sender is read
+//! with it (`nl_pid`, 0 for the kernel), so a message multicast by a privileged process, which
+//! a connected socket still receives, is dropped and counted as forged.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
@@ -133,10 +140,20 @@ pub fn socket_drops(fd: RawFd) -> io::Result<u64> {
     Ok(info[SK_MEMINFO_DROPS] as u64)
 }
 
+/// Connects a netlink socket to the kernel: unicasts from other sockets are then refused.
+fn connect_to_kernel(sock: &Socket) -> Result<(), NetlinkError> {
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|source| NetlinkError::Io {
+            what: "connecting to the kernel",
+            source,
+        })
+}
+
 /// Outcome of one batched receive on the event socket.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Recv {
-    /// This many datagrams are in the batch buffers.
+    /// This many datagrams are in the batch buffers (forged ones included: see
+    /// `EventSocket::datagram`).
     Batch(usize),
     /// Nothing queued.
     Empty,
@@ -157,6 +174,8 @@ pub struct EventSocket {
     buf: Box<[u8]>,
     lens: [usize; BATCH],
     truncated: [bool; BATCH],
+    /// Sender of each datagram of the last batch (0: the kernel).
+    senders: [u32; BATCH],
 }
 
 impl EventSocket {
@@ -176,6 +195,7 @@ impl EventSocket {
                     NetlinkError::Subscribe(e)
                 }
             })?;
+        connect_to_kernel(&sock)?;
         sock.set_non_blocking(true)
             .map_err(|source| NetlinkError::Io {
                 what: "setting non-blocking mode",
@@ -187,6 +207,7 @@ impl EventSocket {
                 buf: vec![0u8; SLOT_LEN * BATCH].into_boxed_slice(),
                 lens: [0; BATCH],
                 truncated: [false; BATCH],
+                senders: [0; BATCH],
             },
             got,
         ))
@@ -206,8 +227,10 @@ impl EventSocket {
 
     /// Receives up to BATCH datagrams without blocking, with one recvmmsg call.
     pub fn recv_batch(&mut self) -> io::Result<Recv> {
+        // SAFETY: all-zero is a valid iovec, mmsghdr and sockaddr_nl.
         let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let mut addrs: [libc::sockaddr_nl; BATCH] = unsafe { std::mem::zeroed() };
         let base = self.buf.as_mut_ptr();
         for i in 0..BATCH {
             // SAFETY: each slot lies inside self.buf.
@@ -215,6 +238,8 @@ impl EventSocket {
             iov[i].iov_len = SLOT_LEN;
             hdrs[i].msg_hdr.msg_iov = &mut iov[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_nl as *mut libc::c_void;
+            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as u32;
         }
         // SAFETY: hdrs and iov point into live buffers for the duration of the call.
         let n = unsafe {
@@ -239,17 +264,77 @@ impl EventSocket {
         for (i, h) in hdrs.iter().enumerate().take(n) {
             self.lens[i] = (h.msg_len as usize).min(SLOT_LEN);
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            // A sender address that is not netlink's cannot be the kernel's.
+            self.senders[i] = if addrs[i].nl_family as i32 == libc::AF_NETLINK {
+                addrs[i].nl_pid
+            } else {
+                u32::MAX
+            };
         }
         Ok(if n == 0 { Recv::Empty } else { Recv::Batch(n) })
     }
 
-    /// Datagram `i` of the last batch, or `None` if it was truncated.
-    pub fn datagram(&self, i: usize) -> Option<&[u8]> {
-        if self.truncated[i] {
-            return None;
+    /// Datagram `i` of the last batch: `Ok(bytes)`, or why it must not be read.
+    pub fn datagram(&self, i: usize) -> Result<&[u8], Unread> {
+        if self.senders[i] != 0 {
+            return Err(Unread::Forged);
         }
-        Some(&self.buf[i * SLOT_LEN..i * SLOT_LEN + self.lens[i]])
+        if self.truncated[i] {
+            return Err(Unread::Truncated);
+        }
+        Ok(&self.buf[i * SLOT_LEN..i * SLOT_LEN + self.lens[i]])
     }
+}
+
+/// A datagram the reader does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unread {
+    /// Not sent by the kernel.
+    Forged,
+    /// Larger than a receive slot.
+    Truncated,
+}
+
+/// Where a reply exchange stands after one datagram.
+enum Step {
+    More,
+    Done,
+}
+
+/// Hands the messages of one reply datagram for `seq` to `f`, until NLMSG_DONE, an ACK, a
+/// kernel error, or `f` returning false. Messages of other exchanges (late replies to an
+/// abandoned request) are skipped.
+fn reply_step(
+    d: &[u8],
+    seq: u32,
+    what: &'static str,
+    f: &mut impl FnMut(&decode::NlMsg<'_>) -> Result<bool, NetlinkError>,
+) -> Result<Step, NetlinkError> {
+    for m in NlMsgIter::new(d) {
+        let m = m.map_err(|source| NetlinkError::Decode { what, source })?;
+        if m.seq != seq {
+            continue;
+        }
+        match m.ty {
+            NLMSG_DONE => return Ok(Step::Done),
+            NLMSG_ERROR => {
+                let code = nlmsg_error_code(m.payload).unwrap_or(-libc::EIO);
+                if code == 0 {
+                    return Ok(Step::Done); // ACK
+                }
+                if code == -libc::EPERM {
+                    return Err(NetlinkError::PermissionDenied);
+                }
+                return Err(NetlinkError::Kernel { what, errno: -code });
+            }
+            _ => {
+                if !f(&m)? {
+                    return Ok(Step::Done);
+                }
+            }
+        }
+    }
+    Ok(Step::More)
 }
 
 /// Table figures from IPCTNL_MSG_CT_GET_STATS and IPCTNL_MSG_CT_GET_STATS_CPU.
@@ -268,8 +353,73 @@ pub struct RequestSocket {
     buf: Vec<u8>,
 }
 
-/// Receive buffer for dump replies; the kernel packs up to 32 KiB of entries per datagram.
-const DUMP_RECV_LEN: usize = 256 * 1024;
+/// Receive buffer for replies; the kernel packs at most 32 KiB of dump entries per datagram.
+const DUMP_RECV_LEN: usize = 64 * 1024;
+/// Receive buffers in flight between the receiving thread and the decoding one in a dump.
+const DUMP_BUFFERS: usize = 16;
+/// Longest wait for the kernel's next reply datagram: a request never hangs the caller.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a dump saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpCount {
+    pub entries: u64,
+    /// Messages that failed to decode.
+    pub bad: u64,
+    /// Datagrams not sent by the kernel, dropped.
+    pub forged: u64,
+}
+
+/// Receives one datagram; returns its length and sender (0: the kernel).
+fn recv_from(fd: RawFd, buf: &mut [u8], what: &'static str) -> Result<(usize, u32), NetlinkError> {
+    loop {
+        // SAFETY: all-zero is a valid sockaddr_nl.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut alen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: buf, addr and alen are live and sized for the call.
+        let n = unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+                &mut addr as *mut libc::sockaddr_nl as *mut libc::sockaddr,
+                &mut alen,
+            )
+        };
+        if n >= 0 {
+            let sender = if addr.nl_family as i32 == libc::AF_NETLINK {
+                addr.nl_pid
+            } else {
+                u32::MAX
+            };
+            return Ok((n as usize, sender));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => {
+                return Err(NetlinkError::Io {
+                    what,
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no reply from the kernel in {}s", REPLY_TIMEOUT.as_secs()),
+                    ),
+                })
+            }
+            _ if is_eperm(&e) => return Err(NetlinkError::PermissionDenied),
+            _ => return Err(NetlinkError::Io { what, source: e }),
+        }
+    }
+}
+
+/// Whether a reply datagram ends the exchange `seq` (NLMSG_DONE, or an error or ACK).
+fn ends_exchange(d: &[u8], seq: u32) -> bool {
+    NlMsgIter::new(d).any(|m| match m {
+        Ok(m) => m.seq == seq && (m.ty == NLMSG_DONE || m.ty == NLMSG_ERROR),
+        Err(_) => true,
+    })
+}
 
 impl RequestSocket {
     pub fn open() -> Result<Self, NetlinkError> {
@@ -278,9 +428,24 @@ impl RequestSocket {
             what: "bind",
             source,
         })?;
+        connect_to_kernel(&sock)?;
         // Large dumps arrive faster than we parse them only briefly; 4 MiB keeps the kernel
         // from waiting on us between datagrams.
         let _ = set_rcvbuf(sock.as_raw_fd(), 4 << 20);
+        let tv = libc::timeval {
+            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: passes a live timeval and its size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
         Ok(RequestSocket {
             sock,
             seq: 0,
@@ -329,59 +494,100 @@ impl RequestSocket {
         mut f: impl FnMut(&decode::NlMsg<'_>) -> Result<bool, NetlinkError>,
     ) -> Result<(), NetlinkError> {
         loop {
-            let n = loop {
-                match self.sock.recv(&mut &mut self.buf[..], 0) {
-                    Ok(n) => break n,
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) if is_eperm(&e) => return Err(NetlinkError::PermissionDenied),
-                    Err(source) => return Err(NetlinkError::Io { what, source }),
-                }
-            };
-            for m in NlMsgIter::new(&self.buf[..n]) {
-                let m = m.map_err(|source| NetlinkError::Decode { what, source })?;
-                if m.seq != seq {
-                    continue; // a late reply to an earlier, abandoned request
-                }
-                match m.ty {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code = nlmsg_error_code(m.payload).unwrap_or(-libc::EIO);
-                        if code == 0 {
-                            return Ok(()); // ACK
-                        }
-                        if code == -libc::EPERM {
-                            return Err(NetlinkError::PermissionDenied);
-                        }
-                        return Err(NetlinkError::Kernel { what, errno: -code });
-                    }
-                    _ => {
-                        if !f(&m)? {
-                            return Ok(());
-                        }
-                    }
-                }
+            let (n, sender) = recv_from(self.sock.as_raw_fd(), &mut self.buf, what)?;
+            if sender != 0 {
+                continue; // not the kernel: never believed
+            }
+            match reply_step(&self.buf[..n], seq, what, &mut f)? {
+                Step::More => {}
+                Step::Done => return Ok(()),
             }
         }
     }
 
-    /// Dumps the whole conntrack table (IPv4 and IPv6), calling `f` for each entry. Returns
-    /// the number of entries and the number that failed to decode.
-    pub fn dump(&mut self, mut f: impl FnMut(&Conn)) -> Result<(u64, u64), NetlinkError> {
+    /// Dumps the whole conntrack table (IPv4 and IPv6), calling `f` with each entry, and with
+    /// `None` after each datagram (a sign of progress). The kernel produces a dump inside
+    /// `recvmsg`, so a helper thread receives while this one decodes and applies: the dump
+    /// takes about as long as the kernel's own work, not the sum of both.
+    pub fn dump(&mut self, mut f: impl FnMut(Option<&Conn>)) -> Result<DumpCount, NetlinkError> {
         let what = "conntrack dump";
         let seq = self.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, what)?;
-        let (mut n, mut bad) = (0u64, 0u64);
-        self.recv_until_done(seq, what, |m| {
-            match decode_conn(m) {
-                Ok(Some(c)) => {
-                    n += 1;
-                    f(&c);
+        let fd = self.sock.as_raw_fd();
+        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(DUMP_BUFFERS);
+        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(DUMP_BUFFERS);
+        for _ in 0..DUMP_BUFFERS {
+            let _ = empty_tx.send(vec![0u8; DUMP_RECV_LEN]);
+        }
+        let mut count = DumpCount::default();
+        std::thread::scope(|s| {
+            let receiver = std::thread::Builder::new()
+                .name("ct-dump-recv".into())
+                .spawn_scoped(s, move || -> Result<u64, NetlinkError> {
+                    let mut forged = 0;
+                    while let Ok(mut buf) = empty_rx.recv() {
+                        let n = loop {
+                            let (n, sender) = recv_from(fd, &mut buf, what)?;
+                            if sender == 0 {
+                                break n;
+                            }
+                            // Not the kernel's: dropped; the next datagram reuses the buffer.
+                            forged += 1;
+                        };
+                        let done = ends_exchange(&buf[..n], seq);
+                        if full_tx.send((buf, n)).is_err() || done {
+                            return Ok(forged);
+                        }
+                    }
+                    Ok(forged)
+                })
+                .map_err(|source| NetlinkError::Io {
+                    what: "starting the dump receiver",
+                    source,
+                })?;
+            let mut outcome: Result<(), NetlinkError> = Ok(());
+            let mut done = false;
+            for (buf, n) in full_rx.iter() {
+                if outcome.is_ok() && !done {
+                    let mut on_msg = |m: &decode::NlMsg<'_>| {
+                        match decode_conn(m) {
+                            Ok(Some(c)) => {
+                                count.entries += 1;
+                                f(Some(&c));
+                            }
+                            Ok(None) => {}
+                            Err(_) => count.bad += 1,
+                        }
+                        Ok(true)
+                    };
+                    match reply_step(&buf[..n], seq, what, &mut on_msg) {
+                        Ok(Step::More) => {}
+                        Ok(Step::Done) => done = true,
+                        Err(e) => outcome = Err(e),
+                    }
+                    f(None);
                 }
-                Ok(None) => {}
-                Err(_) => bad += 1,
+                // A consumer that stopped early still drains, so the receiver can finish; once
+                // the receiver is done, buffers are simply dropped.
+                let _ = empty_tx.send(buf);
             }
-            Ok(true)
-        })?;
-        Ok((n, bad))
+            drop(empty_tx);
+            let received = receiver.join().unwrap_or_else(|_| {
+                Err(NetlinkError::Io {
+                    what,
+                    source: io::Error::other("the dump receiver panicked"),
+                })
+            });
+            count.forged = *received.as_ref().unwrap_or(&0);
+            outcome?;
+            received?;
+            if !done {
+                return Err(NetlinkError::Io {
+                    what,
+                    source: io::Error::other("the dump ended without NLMSG_DONE"),
+                });
+            }
+            Ok(count)
+        })
     }
 
     /// Fetches the table's entry count and max, and the per-CPU counters summed.

@@ -1,21 +1,28 @@
-//! Answers `io.ctwatch.Query` and the history part of `Status` from the store.
+//! Answers `io.ctwatch.Query` from the store and the open bucket, and computes the history part
+//! of `Status` (for the writer to cache).
+//!
+//! A query's cost is bounded whatever its parameters: buckets are read one at a time (never
+//! collected), at most `MAX_QUERY_KEYS` distinct keys are totalled (the rest are summed into
+//! `(other)` and said so), series are built only for the rows shown (`top`, bounded with the
+//! points by `MAX_QUERY_CELLS` before anything is read), and the deadline is checked at every
+//! bucket. The minute in progress is part of the answer: its rows come from the reader's
+//! latest snapshot, as the bucket would be written if it closed now.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use chrono::{TimeZone, Utc};
 use ctwatch_proto::{
-    proto_name, Dimension, HistoryStatus, Peak, Point, QueryParams, QueryReply, QueryRow,
-    UsageMinute,
+    Dimension, HistoryStatus, Peak, Point, QueryParams, QueryReply, QueryRow, UsageMinute,
 };
 
 use super::record::{self, dim_byte, Counts, HistKey, TABLE_DIM};
 use super::writer::HistoryHandle;
-use crate::conntrack::decode::AF_INET6;
-use crate::stats::keys::{addr_string, family_name};
-use crate::store::{StoreError, Tier};
+use crate::dims::FlatKey;
+use crate::store::{Store, StoreError, Tier};
 
-/// Most points one series may have.
-pub const MAX_POINTS: u64 = 10_000;
+/// Most distinct keys a query totals; beyond, keys are summed into `(other)`.
+pub const MAX_QUERY_KEYS: usize = 65_536;
 
 pub fn rfc3339(t: u64) -> String {
     Utc.timestamp_opt(t as i64, 0)
@@ -24,22 +31,25 @@ pub fn rfc3339(t: u64) -> String {
         .unwrap_or_default()
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the query did not finish before its deadline")]
+    Deadline,
+}
+
+/// The open bucket of the queried dimension: its start and its rows now.
+pub struct OpenBucket {
+    pub start: u64,
+    pub rows: Vec<(HistKey, Counts)>,
+}
+
 fn matches(p: &QueryParams, k: &HistKey) -> bool {
     if k.other {
         return p.proto.is_none() && p.port.is_none() && p.src.is_none() && p.dst.is_none();
     }
-    let v6 = k.family == AF_INET6;
-    let (src, dst): (Option<&[u8; 16]>, Option<&[u8; 16]>) = match p.by {
-        Dimension::Service => (None, Some(&k.b)),
-        Dimension::Client => (Some(&k.a), None),
-        Dimension::Flow => (Some(&k.a), Some(&k.b)),
-        Dimension::Backend => (None, Some(&k.a)),
-    };
-    let has_proto = p.by != Dimension::Client;
-    p.proto.is_none_or(|want| has_proto && want == k.proto)
-        && p.port.is_none_or(|want| has_proto && want == k.port)
-        && p.src.is_none_or(|c| src.is_some_and(|a| c.contains(v6, a)))
-        && p.dst.is_none_or(|c| dst.is_some_and(|a| c.contains(v6, a)))
+    FlatKey::from_hist(p.by, k).matches(p.by, p)
 }
 
 fn row_of(by: Dimension, k: &HistKey, c: &Counts) -> QueryRow {
@@ -60,28 +70,7 @@ fn row_of(by: Dimension, k: &HistKey, c: &Counts) -> QueryRow {
         r.keys = Some(c.keys);
         return r;
     }
-    let addr = |a: &[u8; 16]| Some(addr_string(k.family, a));
-    r.family = Some(family_name(k.family).into());
-    r.zone = (k.zone != 0).then_some(k.zone);
-    match by {
-        Dimension::Service => {
-            r.proto = Some(proto_name(k.proto));
-            r.dst = addr(&k.b);
-            r.dport = Some(k.port);
-        }
-        Dimension::Client => r.src = addr(&k.a),
-        Dimension::Flow => {
-            r.proto = Some(proto_name(k.proto));
-            r.src = addr(&k.a);
-            r.dst = addr(&k.b);
-            r.dport = Some(k.port);
-        }
-        Dimension::Backend => {
-            r.proto = Some(proto_name(k.proto));
-            r.backend = addr(&k.a);
-            r.backend_port = Some(k.port);
-        }
-    }
+    FlatKey::from_hist(by, k).fields(by).fill_query_row(&mut r);
     r
 }
 
@@ -94,7 +83,82 @@ fn tier_for(h: &HistoryHandle, since: u64, now: u64) -> (Tier, u64) {
     }
 }
 
-pub fn query(h: &HistoryHandle, p: &QueryParams, now: u64) -> Result<QueryReply, StoreError> {
+/// One series point: what a `Point` shows, without the strings.
+#[derive(Debug, Clone, Copy, Default)]
+struct PointCounts {
+    new: u64,
+    destroyed: u64,
+    unreplied: u64,
+    live_max: u64,
+    live_end: u64,
+}
+
+impl PointCounts {
+    fn later(&mut self, c: &Counts) {
+        self.new += c.new;
+        self.destroyed += c.destroyed;
+        self.unreplied += c.unreplied;
+        self.live_max = self.live_max.max(c.live_max);
+        self.live_end = c.live_end;
+    }
+}
+
+/// Visits every bucket of the range, oldest first: stored ones of `tier`, then (for coarse
+/// answers, whose rollups end at the last whole rollup) the fine buckets not rolled up yet,
+/// then the open bucket. Returns how many stored buckets were unreadable.
+#[allow(clippy::too_many_arguments)] // the range and its sources, as `query` holds them
+fn for_each_bucket(
+    store: Option<&Store>,
+    tier: Tier,
+    res: u64,
+    dim: u8,
+    t0: u64,
+    until: u64,
+    open: Option<&OpenBucket>,
+    deadline: Instant,
+    mut f: impl FnMut(u64, &[(HistKey, Counts)]),
+) -> Result<u64, QueryError> {
+    let mut corrupt = 0;
+    let mut last_stored = None;
+    if let Some(store) = store {
+        let mut visit = |tier: Tier, from: u64| -> Result<Option<u64>, QueryError> {
+            let mut last = None;
+            for item in store.range_iter(tier, dim, from, until) {
+                if Instant::now() > deadline {
+                    return Err(QueryError::Deadline);
+                }
+                let (t, blob) = item?;
+                last = Some(t);
+                match record::decode_keys(&blob) {
+                    Ok(recs) => f(t, &recs),
+                    Err(_) => corrupt += 1,
+                }
+            }
+            Ok(last)
+        };
+        last_stored = visit(tier, t0)?;
+        if tier == Tier::Coarse {
+            let covered = last_stored.map_or(t0, |t| t + res);
+            last_stored = visit(Tier::Fine, covered)?.or(last_stored);
+        }
+    }
+    if let Some(o) = open {
+        // The open bucket, unless the range ends before it (a stored bucket with the same start
+        // is its part from before a restart: both count).
+        if o.start < until && o.start + 1 > t0 && last_stored.is_none_or(|t| t <= o.start) {
+            f(o.start, &o.rows);
+        }
+    }
+    Ok(corrupt)
+}
+
+pub fn query(
+    h: &HistoryHandle,
+    p: &QueryParams,
+    now: u64,
+    open: Option<OpenBucket>,
+    deadline: Instant,
+) -> Result<QueryReply, QueryError> {
     let (tier, res) = tier_for(h, p.since, now);
     let mut reply = QueryReply {
         by: p.by.as_str().into(),
@@ -103,84 +167,127 @@ pub fn query(h: &HistoryHandle, p: &QueryParams, now: u64) -> Result<QueryReply,
         resolution_secs: res,
         step_secs: p.step,
         rows: Vec::new(),
+        ..Default::default()
     };
-    let Some(store) = h.store() else {
-        return Ok(reply);
-    };
+    let store = h.store();
+    let dim = dim_byte(p.by);
     // Buckets that overlap [since, until).
     let t0 = p.since - p.since % res;
-    let blobs = store.range(tier, dim_byte(p.by), t0, p.until)?;
-    struct Acc {
-        total: Counts,
-        points: Vec<Counts>,
-    }
-    let npoints = p
-        .step
-        .map(|s| (p.until - p.since).div_ceil(s) as usize)
-        .unwrap_or(0);
-    let mut acc: HashMap<HistKey, Acc> = HashMap::new();
-    for (t, blob) in blobs {
-        let Ok(recs) = record::decode_keys(&blob) else {
-            continue;
-        };
-        for (k, c) in recs {
-            if !matches(p, &k) {
-                continue;
-            }
-            let a = acc.entry(k).or_insert_with(|| Acc {
-                total: Counts::default(),
-                points: vec![Counts::default(); npoints],
-            });
-            a.total.absorb_later(&c);
-            if let Some(step) = p.step {
-                let i = (t.max(p.since) - p.since) / step;
-                if let Some(pt) = a.points.get_mut(i as usize) {
-                    pt.absorb_later(&c);
+    // Pass 1: totals per key, bounded in keys.
+    let mut totals: HashMap<HistKey, Counts> = HashMap::new();
+    // The stored (other) rows over time; keys past MAX_QUERY_KEYS (their live counts cannot be
+    // told apart over time, so they add none).
+    let mut stored_other = Counts::default();
+    let mut overflow = Counts::default();
+    let mut any_other = false;
+    let mut truncated = false;
+    let corrupt = for_each_bucket(
+        store.as_ref(),
+        tier,
+        res,
+        dim,
+        t0,
+        p.until,
+        open.as_ref(),
+        deadline,
+        |_, recs| {
+            for (k, c) in recs {
+                if !matches(p, k) {
+                    continue;
+                }
+                if k.other {
+                    stored_other.absorb_later(c);
+                    any_other = true;
+                } else if let Some(t) = totals.get_mut(k) {
+                    t.absorb_later(c);
+                } else if totals.len() < MAX_QUERY_KEYS {
+                    totals.insert(*k, *c);
+                } else {
+                    overflow.absorb_parallel(&Counts {
+                        keys: 1,
+                        live_end: 0,
+                        ..*c
+                    });
+                    any_other = true;
+                    truncated = true;
                 }
             }
-        }
+        },
+    )?;
+    reply.corrupt_buckets = corrupt;
+    reply.keys_truncated = truncated.then_some(true);
+    let mut other = stored_other;
+    other.absorb_parallel(&overflow);
+    let ranked = crate::fold::top_n(
+        totals
+            .into_iter()
+            .map(|(k, c)| (k, (c.live_max, c.new, c.destroyed), c)),
+        p.top,
+        |_, c| {
+            other.absorb_parallel(&Counts { keys: 1, ..c });
+            any_other = true;
+        },
+    );
+    let shown: Vec<HistKey> = ranked.iter().map(|(k, _, _)| *k).collect();
+    for (k, _, c) in &ranked {
+        reply.rows.push(row_of(p.by, k, c));
     }
-    let mut rows: Vec<(HistKey, Acc)> = acc.into_iter().collect();
-    rows.sort_by(|a, b| {
-        (a.0.other, b.1.total.live_max, b.1.total.new)
-            .cmp(&(b.0.other, a.1.total.live_max, a.1.total.new))
-            .then(a.0.cmp(&b.0))
-    });
-    let mut other: Option<(Counts, Vec<Counts>)> = None;
-    for (i, (k, a)) in rows.into_iter().enumerate() {
-        if i < p.top && !k.other {
-            let mut r = row_of(p.by, &k, &a.total);
-            if let Some(step) = p.step {
-                r.points = Some(points(p.since, step, &a.points));
-            }
-            reply.rows.push(r);
-        } else {
-            // Everything not shown goes into one (other) row.
-            let (oc, op) =
-                other.get_or_insert_with(|| (Counts::default(), vec![Counts::default(); npoints]));
-            let mut c = a.total;
-            if !k.other {
-                c.keys = 1;
-            }
-            oc.absorb_parallel(&c);
-            oc.live_end += c.live_end;
-            for (d, s) in op.iter_mut().zip(a.points.iter()) {
-                d.absorb_parallel(s);
-                d.live_end += s.live_end;
-            }
-        }
+    if any_other {
+        reply.rows.push(row_of(p.by, &HistKey::OTHER, &other));
     }
-    if let Some((c, pts)) = other {
-        let mut r = row_of(p.by, &HistKey::OTHER, &c);
-        if let Some(step) = p.step {
-            r.points = Some(points(p.since, step, &pts));
+    // Pass 2: series, for the shown rows and (other) only.
+    if let Some(step) = p.step {
+        let npoints = (p.until - p.since).div_ceil(step) as usize;
+        let index: HashMap<HistKey, usize> =
+            shown.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let mut series = vec![vec![PointCounts::default(); npoints]; shown.len()];
+        let mut other_series = vec![PointCounts::default(); npoints];
+        for_each_bucket(
+            store.as_ref(),
+            tier,
+            res,
+            dim,
+            t0,
+            p.until,
+            open.as_ref(),
+            deadline,
+            |t, recs| {
+                let i = ((t.max(p.since) - p.since) / step) as usize;
+                if i >= npoints {
+                    return;
+                }
+                let mut rest = Counts::default();
+                let mut any = false;
+                for (k, c) in recs {
+                    if !matches(p, k) {
+                        continue;
+                    }
+                    match index.get(k) {
+                        Some(&j) => series[j][i].later(c),
+                        None => {
+                            rest.absorb_parallel(c);
+                            any = true;
+                        }
+                    }
+                }
+                if any {
+                    other_series[i].later(&rest);
+                }
+            },
+        )?;
+        for (row, pts) in reply.rows.iter_mut().zip(series.iter()) {
+            row.points = Some(points(p.since, step, pts));
         }
-        reply.rows.push(r);
+        if any_other {
+            if let Some(last) = reply.rows.last_mut() {
+                last.points = Some(points(p.since, step, &other_series));
+            }
+        }
     }
     Ok(reply)
 }
 
-fn points(since: u64, step: u64, pts: &[Counts]) -> Vec<Point> {
+fn points(since: u64, step: u64, pts: &[PointCounts]) -> Vec<Point> {
     pts.iter()
         .enumerate()
         .map(|(i, c)| Point {
@@ -194,46 +301,22 @@ fn points(since: u64, step: u64, pts: &[Counts]) -> Vec<Point> {
         .collect()
 }
 
-/// The history part of `Status`: writer figures, usage per minute over the last hour, and the
-/// peak of the last 24 hours.
-pub fn status(h: &HistoryHandle, now: u64) -> HistoryStatus {
-    let st = h.stats();
-    let store = h.store();
-    let mut out = HistoryStatus {
-        enabled: store.is_some(),
-        path: Some(h.cfg.path.display().to_string()),
-        buckets_written: st.written,
-        buckets_dropped: st.dropped,
-        disk_bytes: store
-            .as_ref()
-            .map(|s| s.size_on_disk())
-            .unwrap_or(st.disk_bytes),
-        last_error: st.last_error,
-        usage_1h: Vec::new(),
-        peak_24h: None,
-    };
-    let Some(store) = store else { return out };
-    let res = h.cfg.bucket_secs;
-    let Ok(day) = store.range(Tier::Fine, TABLE_DIM, now.saturating_sub(86400), now) else {
-        return out;
-    };
-    // One slot per minute (or per bucket, if buckets are longer), the last hour.
-    let slot = res.max(60);
+/// Usage per minute over the last hour and the peak of the last 24 hours, from the stored
+/// table records.
+pub fn usage_summary(store: &Store, bucket_secs: u64, now: u64) -> HistoryStatus {
+    let mut out = HistoryStatus::default();
+    let slot = bucket_secs.max(60);
     let slots = (3600 / slot).max(1) as usize;
     let hour_start = now.saturating_sub(slots as u64 * slot);
     let hour_start = hour_start - hour_start % slot;
     let mut usage: Vec<Option<f64>> = vec![None; slots];
     let mut peak: Option<(u64, f64, u64)> = None;
-    for (t, blob) in day {
+    for item in store.range_iter(Tier::Fine, TABLE_DIM, now.saturating_sub(86400), now + 1) {
+        let Ok((t, blob)) = item else { break };
         let Ok(tc) = record::decode_table(&blob) else {
             continue;
         };
-        let pct = if tc.max > 0 {
-            tc.count_max as f64 * 100.0 / tc.max as f64
-        } else {
-            0.0
-        };
-        let pct = (pct * 100.0).round() / 100.0;
+        let pct = crate::stats::snapshot::pct(tc.count_max, tc.max);
         if peak.is_none_or(|p| tc.count_max > p.0) {
             peak = Some((tc.count_max, pct, t));
         }

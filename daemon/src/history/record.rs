@@ -1,11 +1,21 @@
 //! The on-disk encoding of a bucket: per dimension, one blob of (key, counts) records; per
-//! bucket, one table record. Varint-packed, with a leading format byte so that a later
-//! format can be told apart.
+//! bucket, one table record. Varint-packed, with a leading format byte.
+//!
+//! Format 2 (written now) carries the number of count fields before them, so a later version
+//! can add a field without a new format: a reader takes the fields it knows and skips the
+//! rest, and fields an older writer did not have read as zero. Keys carry a second port and a
+//! network namespace (zero for the daemon's own), for dimensions that need them. Format 1
+//! (the first release) is still read.
 
 use ctwatch_proto::Dimension;
 
 /// Format byte of every blob written by this version.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// The first release's format: fixed fields, no second port, no namespace.
+const FORMAT_1: u8 = 1;
+/// Count fields of format 1 (and the first ones of format 2).
+const COUNT_FIELDS_1: usize = 9 + LIFETIME_BINS;
+const TABLE_FIELDS_1: usize = 12;
 
 /// Lifetime histogram bins (see `ctwatch_proto::LIFETIME_BOUNDS`).
 pub const LIFETIME_BINS: usize = 8;
@@ -18,15 +28,18 @@ pub fn lifetime_bin(secs: u64) -> usize {
         .unwrap_or(LIFETIME_BINS - 1)
 }
 
-/// A key of any dimension, flattened: which fields mean what depends on `dim`
-/// (service: b = dst, port = dport; client: a = src; flow: a = src, b = dst, port = dport;
-/// backend: a = backend address, port = backend port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A key of any dimension as stored; `crate::dims::FlatKey::to_hist` says which field holds
+/// what (a = source or backend, b = destination, port = destination or backend port, port2 =
+/// the backend's port where a key has both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HistKey {
     pub family: u8,
     pub proto: u8,
     pub port: u16,
+    pub port2: u16,
     pub zone: u16,
+    /// Network namespace (inode) the key was seen in; 0 for the daemon's own.
+    pub netns: u64,
     pub a: [u8; 16],
     pub b: [u8; 16],
     /// The folded `(other)` row.
@@ -38,7 +51,9 @@ impl HistKey {
         family: 0,
         proto: 0,
         port: 0,
+        port2: 0,
         zone: 0,
+        netns: 0,
         a: [0; 16],
         b: [0; 16],
         other: true,
@@ -68,8 +83,10 @@ impl Counts {
         self.live_end = o.live_end;
     }
 
-    /// Adds counts of a different key over the same interval (folding into `(other)`).
+    /// Adds counts of a different key over the same interval (folding into `(other)`): live
+    /// counts at the end add up too.
     pub fn absorb_parallel(&mut self, o: &Counts) {
+        self.live_end += o.live_end;
         self.new += o.new;
         self.destroyed += o.destroyed;
         self.unreplied += o.unreplied;
@@ -189,9 +206,56 @@ fn addr_len(family: u8) -> usize {
     }
 }
 
+impl Counts {
+    fn fields(&self) -> [u64; COUNT_FIELDS_1] {
+        let mut f = [0u64; COUNT_FIELDS_1];
+        f[..9].copy_from_slice(&[
+            self.new,
+            self.destroyed,
+            self.unreplied,
+            self.assured,
+            self.live_end,
+            self.live_max,
+            self.bytes,
+            self.packets,
+            self.keys,
+        ]);
+        f[9..].copy_from_slice(&self.lifetime);
+        f
+    }
+
+    fn from_fields(f: &[u64; COUNT_FIELDS_1]) -> Counts {
+        let mut c = Counts {
+            new: f[0],
+            destroyed: f[1],
+            unreplied: f[2],
+            assured: f[3],
+            live_end: f[4],
+            live_max: f[5],
+            bytes: f[6],
+            packets: f[7],
+            keys: f[8],
+            lifetime: [0; LIFETIME_BINS],
+        };
+        c.lifetime.copy_from_slice(&f[9..]);
+        c
+    }
+}
+
+/// Reads `n` varints into `out`, the ones beyond `out` skipped, the ones missing left zero.
+fn read_fields(r: &mut Reader<'_>, n: usize, out: &mut [u64]) -> Result<(), RecordError> {
+    for i in 0..n {
+        let v = r.varint()?;
+        if let Some(slot) = out.get_mut(i) {
+            *slot = v;
+        }
+    }
+    Ok(())
+}
+
 /// Encodes the records of one dimension for one bucket.
 pub fn encode_keys(records: &[(HistKey, Counts)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + records.len() * 48);
+    let mut out = Vec::with_capacity(8 + records.len() * 56);
     out.push(FORMAT);
     put_varint(&mut out, records.len() as u64);
     for (k, c) in records {
@@ -199,24 +263,15 @@ pub fn encode_keys(records: &[(HistKey, Counts)]) -> Vec<u8> {
         out.push(k.family);
         out.push(k.proto);
         out.extend_from_slice(&k.port.to_le_bytes());
+        out.extend_from_slice(&k.port2.to_le_bytes());
         out.extend_from_slice(&k.zone.to_le_bytes());
+        put_varint(&mut out, k.netns);
         let n = addr_len(k.family);
         out.extend_from_slice(&k.a[..n]);
         out.extend_from_slice(&k.b[..n]);
-        for v in [
-            c.new,
-            c.destroyed,
-            c.unreplied,
-            c.assured,
-            c.live_end,
-            c.live_max,
-            c.bytes,
-            c.packets,
-            c.keys,
-        ] {
-            put_varint(&mut out, v);
-        }
-        for v in c.lifetime {
+        let f = c.fields();
+        put_varint(&mut out, f.len() as u64);
+        for v in f {
             put_varint(&mut out, v);
         }
     }
@@ -226,15 +281,23 @@ pub fn encode_keys(records: &[(HistKey, Counts)]) -> Vec<u8> {
 pub fn decode_keys(blob: &[u8]) -> Result<Vec<(HistKey, Counts)>, RecordError> {
     let mut r = Reader(blob);
     let [format] = r.bytes::<1>()?;
-    if format != FORMAT {
+    if format != FORMAT && format != FORMAT_1 {
         return Err(RecordError::Format(format));
     }
     let n = r.varint()? as usize;
-    let mut out = Vec::with_capacity(n.min(1 << 16));
+    // Each record takes at least 12 bytes: a count beyond that is corrupt, not a reason to
+    // reserve memory.
+    let mut out = Vec::with_capacity(n.min(blob.len() / 12 + 1));
     for _ in 0..n {
         let [other, family, proto] = r.bytes::<3>()?;
         let port = u16::from_le_bytes(r.bytes::<2>()?);
+        let port2 = if format == FORMAT {
+            u16::from_le_bytes(r.bytes::<2>()?)
+        } else {
+            0
+        };
         let zone = u16::from_le_bytes(r.bytes::<2>()?);
+        let netns = if format == FORMAT { r.varint()? } else { 0 };
         let mut a = [0u8; 16];
         let mut b = [0u8; 16];
         if addr_len(family) == 16 {
@@ -244,32 +307,26 @@ pub fn decode_keys(blob: &[u8]) -> Result<Vec<(HistKey, Counts)>, RecordError> {
             a[..4].copy_from_slice(&r.bytes::<4>()?);
             b[..4].copy_from_slice(&r.bytes::<4>()?);
         }
-        let mut c = Counts {
-            new: r.varint()?,
-            destroyed: r.varint()?,
-            unreplied: r.varint()?,
-            assured: r.varint()?,
-            live_end: r.varint()?,
-            live_max: r.varint()?,
-            bytes: r.varint()?,
-            packets: r.varint()?,
-            keys: r.varint()?,
-            lifetime: [0; LIFETIME_BINS],
+        let nfields = if format == FORMAT {
+            r.varint()? as usize
+        } else {
+            COUNT_FIELDS_1
         };
-        for v in c.lifetime.iter_mut() {
-            *v = r.varint()?;
-        }
+        let mut f = [0u64; COUNT_FIELDS_1];
+        read_fields(&mut r, nfields, &mut f)?;
         out.push((
             HistKey {
                 family,
                 proto,
                 port,
+                port2,
                 zone,
+                netns,
                 a,
                 b,
                 other: other != 0,
             },
-            c,
+            Counts::from_fields(&f),
         ));
     }
     Ok(out)
@@ -277,7 +334,9 @@ pub fn decode_keys(blob: &[u8]) -> Result<Vec<(HistKey, Counts)>, RecordError> {
 
 pub fn encode_table(t: &TableCounts) -> Vec<u8> {
     let mut out = vec![FORMAT];
-    for v in t.fields() {
+    let f = t.fields();
+    put_varint(&mut out, f.len() as u64);
+    for v in f {
         put_varint(&mut out, v);
     }
     out
@@ -286,13 +345,13 @@ pub fn encode_table(t: &TableCounts) -> Vec<u8> {
 pub fn decode_table(blob: &[u8]) -> Result<TableCounts, RecordError> {
     let mut r = Reader(blob);
     let [format] = r.bytes::<1>()?;
-    if format != FORMAT {
-        return Err(RecordError::Format(format));
-    }
-    let mut f = [0u64; 12];
-    for v in f.iter_mut() {
-        *v = r.varint()?;
-    }
+    let n = match format {
+        FORMAT => r.varint()? as usize,
+        FORMAT_1 => TABLE_FIELDS_1,
+        other => return Err(RecordError::Format(other)),
+    };
+    let mut f = [0u64; TABLE_FIELDS_1];
+    read_fields(&mut r, n, &mut f)?;
     Ok(TableCounts {
         count_end: f[0],
         count_max: f[1],
@@ -351,12 +410,61 @@ mod tests {
         ];
         let blob = encode_keys(&recs);
         assert_eq!(decode_keys(&blob).unwrap(), recs);
+        let mut k2 = k4;
+        k2.port2 = 5353;
+        k2.netns = 4026532177;
+        let two = vec![(k2, c)];
+        assert_eq!(decode_keys(&encode_keys(&two)).unwrap(), two);
         for cut in 0..blob.len() {
             assert!(decode_keys(&blob[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = blob.clone();
         bad[0] = 9;
         assert_eq!(decode_keys(&bad), Err(RecordError::Format(9)));
+    }
+
+    /// Bytes as the first release wrote them (format 1): a service key and a table record.
+    #[test]
+    fn format_1_is_still_read() {
+        let mut v1 = vec![1u8, 1, 0, 2, 17];
+        v1.extend_from_slice(&53u16.to_le_bytes());
+        v1.extend_from_slice(&0u16.to_le_bytes());
+        v1.extend_from_slice(&[0, 0, 0, 0, 10, 96, 0, 10]);
+        v1.extend_from_slice(&[7, 1, 0, 0, 3, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let recs = decode_keys(&v1).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(
+            (recs[0].0.port, recs[0].0.b[..4].to_vec()),
+            (53, vec![10, 96, 0, 10])
+        );
+        assert_eq!(
+            (recs[0].1.new, recs[0].1.live_end, recs[0].1.live_max),
+            (7, 3, 9)
+        );
+        let mut t1 = vec![1u8];
+        t1.extend_from_slice(&[5, 9, 100, 0, 0, 0, 0, 0, 17, 0, 0, 0]);
+        let t = decode_table(&t1).unwrap();
+        assert_eq!((t.count_end, t.count_max, t.max, t.drop), (5, 9, 100, 17));
+    }
+
+    /// A later version's extra count fields are skipped, and missing ones read as zero.
+    #[test]
+    fn count_fields_can_be_added() {
+        let t = TableCounts {
+            count_end: 5,
+            clash_resolve: 3,
+            ..Default::default()
+        };
+        let mut blob = vec![FORMAT];
+        let f = t.fields();
+        put_varint(&mut blob, f.len() as u64 + 2);
+        for v in f.into_iter().chain([77, 88]) {
+            put_varint(&mut blob, v);
+        }
+        assert_eq!(decode_table(&blob).unwrap(), t);
+        let short = vec![FORMAT, 2, 5, 9];
+        let t = decode_table(&short).unwrap();
+        assert_eq!((t.count_end, t.count_max, t.drop), (5, 9, 0));
     }
 
     #[test]

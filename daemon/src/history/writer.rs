@@ -30,6 +30,8 @@ pub struct HistoryConfig {
     pub keys_per_bucket: usize,
     /// Disk the store may use; the oldest buckets go first beyond it.
     pub max_disk_bytes: u64,
+    /// Incidents are deleted this long after they started.
+    pub incident_retention_secs: u64,
 }
 
 pub const DEFAULT_BUCKET_SECS: u64 = 60;
@@ -72,6 +74,9 @@ pub struct HistoryHandle {
     tx: SyncSender<Msg>,
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
+    /// Usage per minute over the last hour and the 24-hour peak, recomputed by the writer after
+    /// each bucket, so that `Status` costs no store scan.
+    summary: Arc<Mutex<ctwatch_proto::HistoryStatus>>,
     pub cfg: HistoryConfig,
 }
 
@@ -86,10 +91,24 @@ impl HistoryHandle {
         }
     }
 
-    /// Hands an incident (new or updated) to the writer. Waits for room: incidents are rare
-    /// and must not be dropped.
-    pub fn save_incident(&self, i: &ctwatch_proto::Incident) {
-        let _ = self.tx.send(Msg::Incident(Box::new(i.clone())));
+    /// Hands an incident (new or updated) to the writer without waiting. False when the queue
+    /// has no room: the caller keeps it and tries again (incidents must not be dropped).
+    pub fn try_save_incident(&self, i: &ctwatch_proto::Incident) -> bool {
+        self.tx.try_send(Msg::Incident(Box::new(i.clone()))).is_ok()
+    }
+
+    /// The history part of `Status` as of the last bucket written (the writer refreshes it).
+    pub fn summary(&self) -> ctwatch_proto::HistoryStatus {
+        let mut s = self.summary.lock().unwrap().clone();
+        let st = self.stats();
+        let store = self.store();
+        s.enabled = store.is_some();
+        s.path = Some(self.cfg.path.display().to_string());
+        s.buckets_written = st.written;
+        s.buckets_dropped = st.dropped;
+        s.disk_bytes = st.disk_bytes;
+        s.last_error = st.last_error;
+        s
     }
 
     /// Asks the writer to finish what is queued and stop; waits for room in the queue.
@@ -107,9 +126,10 @@ impl HistoryHandle {
     }
 }
 
-/// Opens the store (moving a broken one aside) and starts the writer thread. A store that
-/// cannot be opened at all leaves history off until a later retry succeeds; the daemon runs on.
-pub fn start(cfg: HistoryConfig) -> (HistoryHandle, std::thread::JoinHandle<()>) {
+/// Opens the store (moving a broken one aside) and makes the writer, to be run on a thread of
+/// its own (`Writer::run`). A store that cannot be opened at all leaves history off until a
+/// later retry succeeds; the daemon runs on.
+pub fn open(cfg: HistoryConfig) -> (HistoryHandle, Writer) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let stats = Arc::new(Mutex::new(WriterStats::default()));
     let store = match Store::open_or_quarantine(&cfg.path) {
@@ -128,6 +148,7 @@ pub fn start(cfg: HistoryConfig) -> (HistoryHandle, std::thread::JoinHandle<()>)
         tx,
         store: store.clone(),
         stats: stats.clone(),
+        summary: Arc::new(Mutex::new(Default::default())),
         cfg: cfg.clone(),
     };
     let w = Writer {
@@ -135,28 +156,41 @@ pub fn start(cfg: HistoryConfig) -> (HistoryHandle, std::thread::JoinHandle<()>)
         rx,
         store,
         stats,
+        summary: handle.summary.clone(),
         retry_at: None,
         errors_logged: 0,
     };
-    let thread = std::thread::Builder::new()
-        .name("ct-history".into())
-        .spawn(move || w.run())
-        .expect("spawn history writer");
-    (handle, thread)
+    w.refresh_summary();
+    (handle, w)
 }
 
-struct Writer {
+pub struct Writer {
     cfg: HistoryConfig,
     rx: Receiver<Msg>,
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
+    summary: Arc<Mutex<ctwatch_proto::HistoryStatus>>,
     retry_at: Option<Instant>,
     errors_logged: u64,
 }
 
 impl Writer {
-    fn run(mut self) {
+    fn refresh_summary(&self) {
+        let Some(store) = self.store.lock().unwrap().clone() else {
+            return;
+        };
+        let now = crate::reader::unix_now();
+        let s = super::query::usage_summary(&store, self.cfg.bucket_secs, now);
+        *self.summary.lock().unwrap() = s;
+    }
+
+    pub fn run(mut self) {
+        crate::supervise::lower_priority(crate::supervise::NICE_WRITER);
+        let fault = crate::supervise::test_fault("writer");
         loop {
+            if fault {
+                panic!("CTWATCHD_TEST_FAULT=writer");
+            }
             match self.rx.recv() {
                 Ok(Msg::Bucket(b)) => self.handle(b),
                 Ok(Msg::Incident(i)) => self.incident(&i),
@@ -240,13 +274,16 @@ impl Writer {
         });
         match result {
             Ok(()) => {
-                let mut st = self.stats.lock().unwrap();
-                st.written += 1;
-                st.disk_bytes = store.size_on_disk();
-                if st.last_error.is_some() && self.errors_logged > 0 {
-                    st.last_error = None;
-                    self.errors_logged = 0;
+                {
+                    let mut st = self.stats.lock().unwrap();
+                    st.written += 1;
+                    st.disk_bytes = store.size_on_disk();
+                    if st.last_error.is_some() && self.errors_logged > 0 {
+                        st.last_error = None;
+                        self.errors_logged = 0;
+                    }
                 }
+                self.refresh_summary();
             }
             Err(e) => {
                 self.stats.lock().unwrap().dropped += 1;
@@ -344,34 +381,29 @@ fn merge_restarted(
     rows
 }
 
-/// Keeps the `keep` heaviest keys (by live_max, then new) and folds the rest, and any rows
-/// already folded, into one `(other)` row at the end.
+/// Keeps the `keep` heaviest keys (by live_max, new, destroyed, as everywhere) and folds the
+/// rest, and any rows already folded, into one `(other)` row at the end.
 pub fn fold_to(rows: &mut Vec<(HistKey, Counts)>, keep: usize) {
     let mut other = Counts::default();
     let mut any_other = false;
-    rows.retain(|(k, c)| {
-        if k.other {
-            other.absorb_parallel(c);
-            other.live_end += c.live_end;
-            any_other = true;
-            false
-        } else {
-            true
-        }
+    let items: Vec<(HistKey, (u64, u64, u64), Counts)> = rows
+        .drain(..)
+        .filter_map(|(k, c)| {
+            if k.other {
+                other.absorb_parallel(&c);
+                any_other = true;
+                None
+            } else {
+                Some((k, (c.live_max, c.new, c.destroyed), c))
+            }
+        })
+        .collect();
+    let kept = crate::fold::top_n(items, keep, |_, c| {
+        other.absorb_parallel(&c);
+        other.keys += 1;
+        any_other = true;
     });
-    rows.sort_by(|a, b| {
-        (b.1.live_max, b.1.new)
-            .cmp(&(a.1.live_max, a.1.new))
-            .then(a.0.cmp(&b.0))
-    });
-    if rows.len() > keep {
-        for (_, c) in rows.drain(keep..) {
-            other.absorb_parallel(&c);
-            other.live_end += c.live_end;
-            other.keys += 1;
-            any_other = true;
-        }
-    }
+    rows.extend(kept.into_iter().map(|(k, _, c)| (k, c)));
     if any_other {
         rows.push((HistKey::OTHER, other));
     }

@@ -1,158 +1,113 @@
-//! Method dispatch: `org.varlink.service` introspection and `io.ctwatch` methods, with
-//! parameters checked field by field so that a bad one is named in `InvalidParameter`.
+//! Method dispatch: `org.varlink.service` introspection and `io.ctwatch` methods. Parameters
+//! are checked field by field (`ctwatch_parse::params`); every failure is an [`ApiError`],
+//! mapped to its Varlink error by one exhaustive `match`.
+//!
+//! Every answer comes from what other threads publish (the reader's snapshot, the monitor's
+//! kernel view and open incidents, the writer's history summary) or from the store; nothing
+//! asks the reader. Costs are bounded: each call has a deadline, and the heavy ones (Top,
+//! Query, Incidents, Advise) run on the blocking pool one budget permit each, so however many
+//! clients ask at once, only `heavy_requests` of them compute at a time.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ctwatch_parse::params::{self, ParamError, Params};
 use ctwatch_proto::{
-    errors, parse_proto, Cidr, Dimension, QueryParams, QueryReply, Reply, Request, TopParams,
-    DEFAULT_QUERY_TOP, DEFAULT_TOP_LIMIT, INTERFACE, INTERFACE_DESCRIPTION, MAX_TOP_LIMIT,
-    SERVICE_DESCRIPTION, SERVICE_INTERFACE,
+    errors, EventCounters, HealthStatus, IncidentsReply, KmsgStatus, Reply, Request, StatusReply,
+    Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION, SERVICE_DESCRIPTION, SERVICE_INTERFACE,
 };
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
 
-use super::Ctx;
-use crate::reader::Unavailable;
+use crate::history::query::{OpenBucket, QueryError};
+use crate::history::HistoryHandle;
+use crate::kmsg::KmsgStats;
+use crate::monitor::{Kernel, MonitorHandle};
+use crate::reader::{self, unix_now};
+use crate::stats::snapshot::pct;
+use crate::supervise::Health;
 
-/// A parameter failed its check: the name goes back in `InvalidParameter`.
-struct BadParam(String);
-
-/// Typed access to a call's parameters that remembers which ones were read, so unknown
-/// parameters can be rejected by name.
-struct Params {
-    map: Map<String, Value>,
-    known: Vec<&'static str>,
+/// State shared by every connection.
+pub struct Ctx {
+    pub reader: reader::Handle,
+    pub kernel: Kernel,
+    pub monitor: MonitorHandle,
+    pub history: Option<HistoryHandle>,
+    pub kmsg: Option<Arc<KmsgStats>>,
+    pub health: Arc<Health>,
+    pub netns: Option<String>,
+    pub started: Instant,
+    /// The budget heavy calls share: one permit each while they compute.
+    pub heavy: Arc<Semaphore>,
+    pub request_timeout: Duration,
+    pub advise: crate::advise::Cache,
 }
 
-impl Params {
-    fn new(map: Option<Map<String, Value>>) -> Self {
-        Params {
-            map: map.unwrap_or_default(),
-            known: Vec::new(),
+/// Why a call failed.
+#[derive(Debug)]
+pub enum ApiError {
+    Param(ParamError),
+    InterfaceNotFound(String),
+    MethodNotFound(String),
+    NoSuchIncident(u64),
+    /// History is off in the configuration.
+    HistoryDisabled,
+    /// The store could not be opened or read (see `ctctl status`).
+    StoreUnavailable(String),
+    /// The heavy-call budget stayed taken for the whole deadline.
+    Busy,
+    Deadline(Duration),
+    /// Anything else that keeps the daemon from answering (a task failed, a dump failed).
+    Internal(String),
+}
+
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        ApiError::Param(e)
+    }
+}
+
+impl ApiError {
+    pub fn reply(&self) -> Reply {
+        match self {
+            ApiError::Param(ParamError::Invalid(name)) => Reply::invalid_parameter(name),
+            ApiError::Param(ParamError::Limit {
+                parameter,
+                bound,
+                reason,
+            }) => Reply::error(
+                errors::LIMIT_EXCEEDED,
+                json!({ "parameter": parameter, "bound": bound, "reason": reason }),
+            ),
+            ApiError::InterfaceNotFound(i) => {
+                Reply::error(errors::INTERFACE_NOT_FOUND, json!({ "interface": i }))
+            }
+            ApiError::MethodNotFound(m) => {
+                Reply::error(errors::METHOD_NOT_FOUND, json!({ "method": m }))
+            }
+            ApiError::NoSuchIncident(id) => {
+                Reply::error(errors::NO_SUCH_INCIDENT, json!({ "id": id }))
+            }
+            ApiError::HistoryDisabled => Reply::error(
+                errors::UNAVAILABLE,
+                json!({ "reason": "history is disabled in the configuration ([history] enabled = false)" }),
+            ),
+            ApiError::StoreUnavailable(why) => Reply::error(
+                errors::UNAVAILABLE,
+                json!({ "reason": format!("the history store is unavailable: {why} (see ctctl status)") }),
+            ),
+            ApiError::Busy => Reply::error(
+                errors::UNAVAILABLE,
+                json!({ "reason": "busy: other heavy requests took the whole deadline; try again" }),
+            ),
+            ApiError::Deadline(d) => Reply::error(
+                errors::DEADLINE_EXCEEDED,
+                json!({ "seconds": d.as_secs_f64(), "reason": format!("not answered within {:.0} s", d.as_secs_f64()) }),
+            ),
+            ApiError::Internal(why) => Reply::error(errors::UNAVAILABLE, json!({ "reason": why })),
         }
-    }
-
-    fn get(&mut self, name: &'static str) -> Option<&Value> {
-        self.known.push(name);
-        self.map.get(name).filter(|v| !v.is_null())
-    }
-
-    fn opt_str(&mut self, name: &'static str) -> Result<Option<String>, BadParam> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(BadParam(name.into())),
-        }
-    }
-
-    fn opt_uint(&mut self, name: &'static str, max: u64) -> Result<Option<u64>, BadParam> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if n <= max => Ok(Some(n)),
-                _ => Err(BadParam(name.into())),
-            },
-        }
-    }
-
-    /// Fails on the first parameter that no getter asked for.
-    fn check_unknown(&self) -> Result<(), BadParam> {
-        match self.map.keys().find(|k| !self.known.contains(&k.as_str())) {
-            Some(k) => Err(BadParam(k.clone())),
-            None => Ok(()),
-        }
-    }
-}
-
-/// by, proto and port: the key filters `Top` and `Query` share.
-fn key_params(p: &mut Params) -> Result<(Dimension, Option<u8>, Option<u16>), BadParam> {
-    let by = match p.opt_str("by")? {
-        None => Dimension::Service,
-        Some(s) => s.parse().map_err(|_| BadParam("by".into()))?,
-    };
-    let proto = match p.opt_str("proto")? {
-        None => None,
-        Some(s) => Some(parse_proto(&s).ok_or(BadParam("proto".into()))?),
-    };
-    let port = p.opt_uint("port", u16::MAX as u64)?.map(|n| n as u16);
-    Ok((by, proto, port))
-}
-
-fn top_params(p: &mut Params) -> Result<TopParams, BadParam> {
-    let (by, proto, port) = key_params(p)?;
-    let limit = match p.opt_uint("limit", MAX_TOP_LIMIT as u64)? {
-        None => DEFAULT_TOP_LIMIT,
-        Some(0) => return Err(BadParam("limit".into())),
-        Some(n) => n as usize,
-    };
-    Ok(TopParams {
-        by,
-        limit,
-        proto,
-        port,
-    })
-}
-
-fn opt_cidr(p: &mut Params, name: &'static str) -> Result<Option<Cidr>, BadParam> {
-    match p.opt_str(name)? {
-        None => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(|_| BadParam(name.into())),
-    }
-}
-
-fn query_params(p: &mut Params, now: u64) -> Result<QueryParams, BadParam> {
-    let since = p
-        .opt_uint("since", u64::MAX / 2)?
-        .ok_or(BadParam("since".into()))?;
-    // Without an end, everything up to now, the open bucket's second included.
-    let until = p.opt_uint("until", u64::MAX / 2)?.unwrap_or(now + 1);
-    if until <= since {
-        return Err(BadParam("until".into()));
-    }
-    let (by, proto, port) = key_params(p)?;
-    let qtop = match p.opt_uint("top", MAX_TOP_LIMIT as u64)? {
-        None => DEFAULT_QUERY_TOP,
-        Some(0) => return Err(BadParam("top".into())),
-        Some(n) => n as usize,
-    };
-    let step = p.opt_uint("step", u64::MAX / 2)?;
-    if let Some(s) = step {
-        if s == 0 || (until - since).div_ceil(s) > crate::history::query::MAX_POINTS {
-            return Err(BadParam("step".into()));
-        }
-    }
-    Ok(QueryParams {
-        since,
-        until,
-        by,
-        proto,
-        port,
-        src: opt_cidr(p, "src")?,
-        dst: opt_cidr(p, "dst")?,
-        top: qtop,
-        step,
-    })
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn no_store() -> Reply {
-    Reply::error(
-        errors::UNAVAILABLE,
-        json!({ "reason": "the history store is unavailable (disabled, or failed to open: see ctctl status)" }),
-    )
-}
-
-fn unavailable(e: Unavailable) -> Reply {
-    Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() }))
-}
-
-fn to_reply<T: serde::Serialize>(key: &str, value: T) -> Reply {
-    match serde_json::to_value(value) {
-        Ok(v) => Reply::ok(json!({ key: v })),
-        Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
     }
 }
 
@@ -181,7 +136,7 @@ impl Route {
         Route::Advise,
     ];
 
-    fn find(interface: &str, method: &str) -> Result<Route, Reply> {
+    fn find(interface: &str, method: &str) -> Result<Route, ApiError> {
         match (interface, method) {
             (SERVICE_INTERFACE, "GetInfo") => Ok(Route::GetInfo),
             (SERVICE_INTERFACE, "GetInterfaceDescription") => Ok(Route::GetInterfaceDescription),
@@ -191,23 +146,144 @@ impl Route {
             (INTERFACE, "Incidents") => Ok(Route::Incidents),
             (INTERFACE, "Incident") => Ok(Route::Incident),
             (INTERFACE, "Advise") => Ok(Route::Advise),
-            (SERVICE_INTERFACE, _) | (INTERFACE, _) => Err(Reply::error(
-                errors::METHOD_NOT_FOUND,
-                json!({ "method": format!("{interface}.{method}") }),
-            )),
-            _ => Err(Reply::error(
-                errors::INTERFACE_NOT_FOUND,
-                json!({ "interface": interface }),
-            )),
+            (SERVICE_INTERFACE, _) | (INTERFACE, _) => {
+                Err(ApiError::MethodNotFound(format!("{interface}.{method}")))
+            }
+            _ => Err(ApiError::InterfaceNotFound(interface.to_string())),
         }
     }
 }
 
-async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam> {
-    Ok(match route {
+/// A reply's JSON text: `{"parameters":{"<key>":<value>}}`, serialized once, straight from
+/// the value (no intermediate tree).
+fn answer<T: Serialize>(key: &str, value: &T) -> Result<Bytes, ApiError> {
+    #[derive(Serialize)]
+    struct Wrap<'a, T> {
+        parameters: std::collections::BTreeMap<&'a str, &'a T>,
+    }
+    let mut parameters = std::collections::BTreeMap::new();
+    parameters.insert(key, value);
+    serde_json::to_vec(&Wrap { parameters })
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(format!("cannot encode the reply: {e}")))
+}
+
+fn plain(r: Reply) -> Bytes {
+    Bytes::from(serde_json::to_vec(&r).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+fn store_of(ctx: &Ctx) -> Result<crate::store::Store, ApiError> {
+    let h = ctx.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
+    h.store().ok_or_else(|| {
+        ApiError::StoreUnavailable(h.stats().last_error.unwrap_or_else(|| "not open".into()))
+    })
+}
+
+/// Runs `f` on the blocking pool under one heavy-call permit, within `deadline`.
+async fn heavy<T: Send + 'static>(
+    ctx: &Ctx,
+    deadline: Instant,
+    f: impl FnOnce(Instant) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let permit = match tokio::time::timeout(left, ctx.heavy.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err(ApiError::Internal("the daemon is stopping".into())),
+        Err(_) => return Err(ApiError::Busy),
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        // The permit goes with the work: a call that outlives its deadline still holds it.
+        let _permit = permit;
+        f(deadline)
+    });
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(ApiError::Internal(format!("the request failed: {e}"))),
+        Err(_) => Err(ApiError::Deadline(ctx.request_timeout)),
+    }
+}
+
+fn status(ctx: &Ctx) -> StatusReply {
+    let snap = ctx.reader.snapshot();
+    let k = ctx.kernel.view();
+    let f = &snap.figures;
+    let count = k.stats.entries;
+    let obj = k.object_size;
+    let kmsg = ctx.kmsg.as_ref();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let open = ctx.monitor.open.load();
+    StatusReply {
+        count,
+        max: k.stats.max,
+        buckets: k.buckets,
+        usage_pct: pct(count, k.stats.max),
+        live: snap.live,
+        orphans: snap.orphans,
+        events_mode: k.events_mode,
+        events: EventCounters {
+            new: f.new,
+            destroy: f.destroy,
+            destroy_unknown: f.destroy_unknown,
+            overruns: f.overruns,
+            lost: f.lost,
+            resyncs: f.resyncs,
+            reconciles: f.reconciles,
+            swept: f.swept,
+            decode_errors: f.decode_errors,
+            rcvbuf: f.rcvbuf,
+            forged: f.forged,
+            dump_failures: f.dump_failures,
+        },
+        kernel: k.stats.counters,
+        accounting: Toggle {
+            enabled: k.accounting,
+            sysctl: "net.netfilter.nf_conntrack_acct=1".into(),
+        },
+        timestamps: Toggle {
+            enabled: k.timestamps,
+            sysctl: "net.netfilter.nf_conntrack_timestamp=1".into(),
+        },
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        last_dump_age_secs: snap.last_dump.map(|d| d.at.elapsed().as_secs()),
+        last_dump_entries: snap.last_dump.map(|d| d.entries),
+        last_dump_ms: snap.last_dump.map(|d| d.took.as_millis() as u64),
+        netns: ctx.netns.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        history: ctx
+            .history
+            .as_ref()
+            .map(|h| h.summary())
+            .unwrap_or_default(),
+        kmsg: KmsgStatus {
+            enabled: kmsg.is_some(),
+            records: kmsg.map_or(0, |s| load(&s.records)),
+            matched: kmsg.map_or(0, |s| load(&s.matched)),
+            gaps: kmsg.map_or(0, |s| load(&s.gaps)),
+            garbage: kmsg.map_or(0, |s| load(&s.garbage)),
+            not_kernel: kmsg.map_or(0, |s| load(&s.not_kernel)),
+            position_errors: kmsg.map_or(0, |s| load(&s.position_errors)),
+            error: None,
+        },
+        incidents_open: open.iter().map(|i| i.id).collect(),
+        object_size: obj,
+        memory_bytes: obj.map(|o| o * count),
+        max_memory_bytes: obj.map(|o| o * k.stats.max),
+        health: HealthStatus {
+            degraded: ctx.health.degraded(),
+            snapshot_age_ms: snap.age().as_millis() as u64,
+            kernel_age_ms: k.at.map(|t| t.elapsed().as_millis() as u64),
+            dumping: snap.dumping.map(|d| d.as_str().to_string()),
+        },
+    }
+}
+
+async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError> {
+    let deadline = Instant::now() + ctx.request_timeout;
+    match route {
         Route::GetInfo => {
             p.check_unknown()?;
-            Reply::ok(json!({
+            answer_all(json!({
                 "vendor": "ctwatch",
                 "product": "ctwatchd",
                 "version": env!("CARGO_PKG_VERSION"),
@@ -218,156 +294,152 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Reply, BadParam
         Route::GetInterfaceDescription => {
             let name = p
                 .opt_str("interface")?
-                .ok_or(BadParam("interface".into()))?;
+                .ok_or(ParamError::Invalid("interface".into()))?;
             p.check_unknown()?;
             match name.as_str() {
-                INTERFACE => Reply::ok(json!({ "description": INTERFACE_DESCRIPTION })),
-                SERVICE_INTERFACE => Reply::ok(json!({ "description": SERVICE_DESCRIPTION })),
-                _ => Reply::error(errors::INTERFACE_NOT_FOUND, json!({ "interface": name })),
+                INTERFACE => answer("description", &INTERFACE_DESCRIPTION),
+                SERVICE_INTERFACE => answer("description", &SERVICE_DESCRIPTION),
+                _ => Err(ApiError::InterfaceNotFound(name)),
             }
         }
         Route::Status => {
             p.check_unknown()?;
-            match ctx.reader.status().await {
-                Ok(mut s) => {
-                    s.netns = ctx.netns.clone();
-                    if let Some(h) = ctx.history.clone() {
-                        let now = unix_now();
-                        if let Ok(hs) = tokio::task::spawn_blocking(move || {
-                            crate::history::query::status(&h, now)
-                        })
-                        .await
-                        {
-                            s.history = hs;
-                        }
-                    }
-                    to_reply("status", s)
-                }
-                Err(e) => unavailable(e),
+            let mut s = status(ctx);
+            if let Some(e) = ctx
+                .health
+                .degraded()
+                .iter()
+                .find(|d| d.starts_with("kernel log"))
+            {
+                s.kmsg.error = Some(e.clone());
             }
+            answer("status", &s)
+        }
+        Route::Top => {
+            let t: TopParams = params::top(p)?;
+            let snap = ctx.reader.snapshot();
+            let count = ctx.kernel.view().stats.entries;
+            heavy(ctx, deadline, move |_| answer("top", &snap.top(&t, count))).await
         }
         Route::Query => {
             let now = unix_now();
-            let q = query_params(p, now)?;
-            p.check_unknown()?;
-            let Some(h) = ctx.history.clone() else {
-                return Ok(Reply::error(
-                    errors::UNAVAILABLE,
-                    json!({ "reason": "history is disabled in the configuration ([history] enabled = false)" }),
-                ));
-            };
-            match tokio::task::spawn_blocking(move || crate::history::query::query(&h, &q, now))
+            let q = params::query(p, now)?;
+            let h = ctx.history.clone().ok_or(ApiError::HistoryDisabled)?;
+            let snap = ctx.reader.snapshot();
+            heavy(ctx, deadline, move |deadline| {
+                let open = OpenBucket {
+                    start: snap.bucket_start,
+                    rows: snap.open_bucket(q.by, h.cfg.keys_per_bucket),
+                };
+                match crate::history::query::query(&h, &q, now, Some(open), deadline) {
+                    Ok(r) => answer("query", &r),
+                    Err(QueryError::Deadline) => Err(ApiError::Deadline(
+                        deadline.saturating_duration_since(Instant::now()),
+                    )),
+                    Err(QueryError::Store(e)) => Err(ApiError::StoreUnavailable(e.to_string())),
+                }
+            })
+            .await
+        }
+        Route::Incidents => {
+            let ip = params::incidents(p)?;
+            let store = store_of(ctx)?;
+            let open = ctx.monitor.open.load_full();
+            heavy(ctx, deadline, move |_| {
+                let page = crate::incidents::page(&store, &open, &ip)
+                    .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+                answer_page(&page)
+            })
+            .await
+        }
+        Route::Incident => {
+            let id = params::incident(p)?;
+            if let Some(i) = ctx.monitor.open.load().iter().find(|i| i.id == id) {
+                return answer("incident", i);
+            }
+            let store = store_of(ctx)?;
+            let blob = tokio::task::spawn_blocking(move || store.incident(id))
                 .await
-            {
-                Ok(Ok(r)) => to_reply::<QueryReply>("query", r),
-                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+            match blob.as_deref().map(crate::store::decode_incident) {
+                Some(Some(i)) => answer("incident", &i),
+                Some(None) => Err(ApiError::Internal(format!(
+                    "incident {id} is stored but unreadable"
+                ))),
+                None => Err(ApiError::NoSuchIncident(id)),
             }
         }
         Route::Advise => {
-            let headroom = match p.get("headroom_pct") {
-                None => ctwatch_proto::DEFAULT_HEADROOM_PCT,
-                Some(v) => v
-                    .as_f64()
-                    .filter(|h| (0.0..=1000.0).contains(h))
-                    .ok_or(BadParam("headroom_pct".into()))?,
-            };
-            let object_size = p.opt_uint("object_size", 1 << 20)?;
-            p.check_unknown()?;
-            let top = match ctx
-                .reader
-                .top(TopParams {
-                    limit: 5,
-                    ..Default::default()
-                })
+            let (headroom, object_size) = params::advise(p)?;
+            let snap = ctx.reader.snapshot();
+            let count = ctx.kernel.view().stats.entries;
+            let top = snap
+                .top(
+                    &TopParams {
+                        limit: 5,
+                        ..Default::default()
+                    },
+                    count,
+                )
+                .entries;
+            // A census may dump the whole table: a longer deadline, and one census at a time,
+            // reused for a few seconds, however many ask.
+            let deadline = Instant::now() + ctx.request_timeout * 3;
+            let facts = ctx
+                .advise
+                .facts(ctx.history.clone(), deadline)
                 .await
-            {
-                Ok(t) => t.entries,
-                Err(e) => return Ok(unavailable(e)),
-            };
-            let h = ctx.history.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                crate::advise::gather(h.as_ref(), top, headroom).map(|mut i| {
-                    i.object_size = i.object_size.or(object_size);
-                    crate::advise::advise(&i)
-                })
+                .map_err(ApiError::Internal)?;
+            heavy(ctx, deadline, move |_| {
+                let mut i = (*facts).clone();
+                i.top_services = top;
+                i.headroom_pct = headroom;
+                i.object_size = i.object_size.or(object_size);
+                answer("advice", &crate::advise::advise(&i))
             })
-            .await;
-            match r {
-                Ok(Ok(a)) => to_reply("advice", a),
-                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-            }
+            .await
         }
-        Route::Incidents => {
-            let since = p.opt_uint("since", u64::MAX / 2)?.unwrap_or(0) as i64;
-            p.check_unknown()?;
-            let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
-                return Ok(no_store());
-            };
-            let live = ctx.reader.open_incidents().await.unwrap_or_default();
-            match tokio::task::spawn_blocking(move || store.incidents()).await {
-                Ok(Ok(blobs)) => {
-                    let mut list: Vec<ctwatch_proto::Incident> = blobs
-                        .iter()
-                        .filter_map(|b| serde_json::from_slice::<ctwatch_proto::Incident>(b).ok())
-                        // Open incidents as the engine has them now, not as last saved.
-                        .map(|i| live.iter().find(|l| l.id == i.id).cloned().unwrap_or(i))
-                        .filter(|i: &ctwatch_proto::Incident| {
-                            chrono::DateTime::parse_from_rfc3339(&i.start)
-                                .is_ok_and(|t| t.timestamp() >= since)
-                        })
-                        .collect();
-                    list.reverse();
-                    to_reply("incidents", list)
-                }
-                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-            }
-        }
-        Route::Incident => {
-            let id = p
-                .opt_uint("id", u64::MAX / 2)?
-                .ok_or(BadParam("id".into()))?;
-            p.check_unknown()?;
-            let Some(store) = ctx.history.as_ref().and_then(|h| h.store()) else {
-                return Ok(no_store());
-            };
-            let live = ctx.reader.open_incidents().await.unwrap_or_default();
-            if let Some(i) = live.into_iter().find(|i| i.id == id) {
-                return Ok(to_reply("incident", i));
-            }
-            match tokio::task::spawn_blocking(move || store.incident(id)).await {
-                Ok(Ok(Some(b))) => match serde_json::from_slice::<ctwatch_proto::Incident>(&b) {
-                    Ok(i) => to_reply("incident", i),
-                    Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-                },
-                Ok(Ok(None)) => Reply::error(errors::NO_SUCH_INCIDENT, json!({ "id": id })),
-                Ok(Err(e)) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-                Err(e) => Reply::error(errors::UNAVAILABLE, json!({ "reason": e.to_string() })),
-            }
-        }
-        Route::Top => {
-            let t = top_params(p)?;
-            p.check_unknown()?;
-            match ctx.reader.top(t).await {
-                Ok(r) => to_reply("top", r),
-                Err(e) => unavailable(e),
-            }
-        }
-    })
+    }
 }
 
-pub async fn dispatch(req: Request, ctx: &Ctx) -> Reply {
+fn answer_all(v: serde_json::Value) -> Result<Bytes, ApiError> {
+    Ok(plain(Reply::ok(v)))
+}
+
+fn answer_page(page: &IncidentsReply) -> Result<Bytes, ApiError> {
+    #[derive(Serialize)]
+    struct Wrap<'a> {
+        parameters: &'a IncidentsReply,
+    }
+    serde_json::to_vec(&Wrap { parameters: page })
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(format!("cannot encode the reply: {e}")))
+}
+
+/// Answers one call: the reply's JSON text.
+pub async fn dispatch(req: Request, ctx: &Ctx) -> Bytes {
     let (interface, method) = req.method.rsplit_once('.').unwrap_or(("", &req.method));
-    let route = match Route::find(interface, method) {
-        Ok(r) => r,
-        Err(reply) => return reply,
+    let result = match Route::find(interface, method) {
+        Ok(route) => {
+            let mut p = Params::new(req.parameters);
+            let deadline = match route {
+                Route::Advise => ctx.request_timeout * 3,
+                _ => ctx.request_timeout,
+            };
+            match tokio::time::timeout(
+                deadline + Duration::from_millis(100),
+                call(route, &mut p, ctx),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ApiError::Deadline(deadline)),
+            }
+        }
+        Err(e) => Err(e),
     };
-    let mut p = Params::new(req.parameters);
-    call(route, &mut p, ctx)
-        .await
-        .unwrap_or_else(|BadParam(name)| Reply::invalid_parameter(&name))
+    result.unwrap_or_else(|e| plain(e.reply()))
 }
 
 #[cfg(test)]
@@ -393,70 +465,37 @@ mod tests {
         assert!(Route::find("com.example", "Status").is_err());
     }
 
-    fn params(v: Value) -> Params {
-        Params::new(v.as_object().cloned())
+    #[test]
+    fn errors_map_to_their_varlink_names() {
+        let name = |e: ApiError| e.reply().error.unwrap();
+        assert_eq!(
+            name(ApiError::Param(ParamError::Invalid("x".into()))),
+            errors::INVALID_PARAMETER
+        );
+        let r = ApiError::Param(ParamError::Limit {
+            parameter: "limit",
+            bound: 5,
+            reason: "r".into(),
+        })
+        .reply();
+        assert_eq!(r.error.as_deref(), Some(errors::LIMIT_EXCEEDED));
+        let p = r.parameters.unwrap();
+        assert_eq!(
+            (p["parameter"].as_str(), p["bound"].as_u64()),
+            (Some("limit"), Some(5))
+        );
+        assert_eq!(name(ApiError::NoSuchIncident(3)), errors::NO_SUCH_INCIDENT);
+        assert_eq!(
+            name(ApiError::Deadline(Duration::from_secs(1))),
+            errors::DEADLINE_EXCEEDED
+        );
+        assert_eq!(name(ApiError::Busy), errors::UNAVAILABLE);
     }
 
     #[test]
-    fn top_parameters_are_checked_by_name() {
-        let ok = |v: Value| {
-            let mut p = params(v);
-            let t = top_params(&mut p).ok()?;
-            p.check_unknown().ok()?;
-            Some(t)
-        };
-        let bad = |v: Value| {
-            let mut p = params(v);
-            match top_params(&mut p).and_then(|_| p.check_unknown()) {
-                Err(BadParam(n)) => n,
-                Ok(()) => "accepted".into(),
-            }
-        };
-        let t = ok(json!({"by": "client", "limit": 5, "proto": "udp", "port": 53})).unwrap();
-        assert_eq!(
-            (t.by, t.limit, t.proto, t.port),
-            (Dimension::Client, 5, Some(17), Some(53))
-        );
-        assert_eq!(ok(json!({})).unwrap().limit, DEFAULT_TOP_LIMIT);
-        assert_eq!(bad(json!({"by": "nope"})), "by");
-        assert_eq!(bad(json!({"limit": -1})), "limit");
-        assert_eq!(bad(json!({"limit": 0})), "limit");
-        assert_eq!(bad(json!({"limit": "5"})), "limit");
-        assert_eq!(bad(json!({"port": 70000})), "port");
-        assert_eq!(bad(json!({"proto": "tcpx"})), "proto");
-        assert_eq!(bad(json!({"colour": "red"})), "colour");
-    }
-
-    #[test]
-    fn query_parameters_are_checked_by_name() {
-        let run = |v: Value| {
-            let mut p = params(v);
-            query_params(&mut p, 10_000).and_then(|q| p.check_unknown().map(|_| q))
-        };
-        let q = run(json!({"since": 1000, "by": "flow", "src": "10.0.0.0/8", "step": 60}))
-            .ok()
-            .unwrap();
-        assert_eq!(
-            (q.since, q.until, q.by, q.step, q.top),
-            (1000, 10_001, Dimension::Flow, Some(60), DEFAULT_QUERY_TOP)
-        );
-        let name = |v: Value| match run(v) {
-            Err(BadParam(n)) => n,
-            Ok(_) => "accepted".into(),
-        };
-        assert_eq!(name(json!({})), "since");
-        assert_eq!(name(json!({"since": 5000, "until": 4000})), "until");
-        assert_eq!(name(json!({"since": 1000, "src": "10.0.0.0/40"})), "src");
-        assert_eq!(name(json!({"since": 1000, "step": 0})), "step");
-        assert_eq!(
-            name(json!({"since": 0, "until": 10_001, "step": 1})),
-            "step",
-            "too many points"
-        );
-        assert_eq!(
-            name(json!({"since": 1000, "limit": 5})),
-            "limit",
-            "Top's limit is not Query's"
-        );
+    fn answers_are_varlink_replies() {
+        let b = answer("top", &json!({"a": 1})).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["parameters"]["top"]["a"], 1);
     }
 }

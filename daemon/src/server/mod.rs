@@ -1,44 +1,67 @@
-//! The Varlink server on a Unix socket: NUL-delimited JSON framed with tokio-util, one task
-//! per connection, peer credentials checked at accept, a cap on connections, and timeouts on
-//! idle reads and on writes so that a stalled or non-reading client only ever holds its own
-//! task. Method dispatch lives in `handlers`.
+//! The Varlink server on a Unix socket: NUL-delimited JSON (`ctwatch_parse::frame`), one task
+//! per connection, peer credentials checked at accept. It runs on the async runtime, whose
+//! threads run at a lower priority than the reader (`supervise::NICE_CLIENTS`).
+//!
+//! What bounds a client:
+//! - **Slots**: at most `max_connections`, of which `reserved_root` only root may take, and at
+//!   most `per_uid` per other user. A connection with no request in flight (and no stream) is
+//!   idle: closed after `idle_timeout`, and when a newcomer finds no free slot, the connection
+//!   idle the longest gives up its own (`slots`).
+//! - **Requests**: a frame may be at most `MAX_REQUEST_LEN` bytes; every call has a deadline;
+//!   heavy calls share a small budget (`handlers`); replies that are not read within
+//!   `write_timeout` close the connection.
+//!
+//! Method dispatch lives in `handlers`.
 
 mod handlers;
+mod slots;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use ctwatch_parse::frame::{find_frame, parse_call, FrameError};
 use ctwatch_proto::{errors, Reply, MAX_REQUEST_LEN};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
+use tokio_util::codec::{Decoder, Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::reader::Handle;
-pub use handlers::dispatch;
+pub use handlers::{dispatch, Ctx};
+use slots::Slots;
 
-/// Limits on what one client can make the daemon do.
+/// Limits on what clients can make the daemon do.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub socket: PathBuf,
     /// Group whose members may connect (besides root and the daemon's own user).
     pub group: Option<String>,
     pub max_connections: usize,
+    /// Connections only root may take (out of `max_connections`).
+    pub reserved_root: usize,
+    /// Most connections of one non-root user.
+    pub per_uid: usize,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// Deadline of one call (Advise: three times this; it may dump the table).
+    pub request_timeout: Duration,
+    /// Heavy calls (Top, Query, Incidents, Advise) computed at once; the rest wait their turn.
+    pub heavy_requests: usize,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_RESERVED_ROOT: usize = 4;
+pub const DEFAULT_PER_UID: usize = 16;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEAVY_REQUESTS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -50,6 +73,10 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("the socket directory {path} is writable by {who}: anyone there could replace the socket; use a directory only its owner can write (mode 0755 or stricter)")]
+    UnsafeDir { path: PathBuf, who: &'static str },
+    #[error("{path} exists and is not a socket ({kind}): refusing to replace it")]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot bind the socket {path}")]
     Bind {
         path: PathBuf,
@@ -61,10 +88,10 @@ pub enum ServerError {
 /// Looks up a group's id by name.
 pub fn group_id(name: &str) -> Option<libc::gid_t> {
     let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: all-zero is a valid `group`; every pointer is live for the call.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: all pointers are live for the call; buf is large enough for typical entries.
     let rc = unsafe {
         libc::getgrnam_r(
             cname.as_ptr(),
@@ -98,51 +125,141 @@ fn peer_groups(s: &UnixStream) -> Vec<libc::gid_t> {
     groups
 }
 
-/// Binds the socket: creates its directory, replaces a stale socket file, refuses to take over
-/// a live one, then sets mode 0660 and the group.
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// Checks that only its owner (root or the daemon's user) can write the socket's directory:
+/// otherwise anyone who can write there could swap the socket for their own.
+fn check_dir(dir: &Path) -> Result<(), ServerError> {
+    let meta = std::fs::metadata(dir).map_err(|source| ServerError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o002 != 0 && !sticky {
+        return Err(ServerError::UnsafeDir {
+            path: dir.to_path_buf(),
+            who: "everyone",
+        });
+    }
+    if mode & 0o020 != 0 && meta.gid() != 0 {
+        return Err(ServerError::UnsafeDir {
+            path: dir.to_path_buf(),
+            who: "its group",
+        });
+    }
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(ServerError::UnsafeDir {
+            path: dir.to_path_buf(),
+            who: "another user (its owner)",
+        });
+    }
+    Ok(())
+}
+
+/// Binds the socket: creates its directory (0755) or checks an existing one, replaces a stale
+/// socket but nothing else (never follows a symbolic link), refuses to take over a live one,
+/// then sets mode 0660 and the group.
 pub fn bind(cfg: &ServerConfig, gid: Option<libc::gid_t>) -> Result<UnixListener, ServerError> {
     let path = &cfg.socket;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|source| ServerError::Dir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|source| ServerError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
         }
+        check_dir(dir)?;
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(ServerError::InUse(path.clone()));
             }
             let _ = std::fs::remove_file(path);
         }
+        Ok(meta) => {
+            return Err(ServerError::NotASocket {
+                path: path.clone(),
+                kind: kind_of(meta.file_type()),
+            })
+        }
+        Err(_) => {}
     }
     let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
         path: path.clone(),
         source,
     })?;
+    // bind just created the path, in a directory no one else may write: it is our socket.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     // Under systemd (Group=) the socket already has its group; chown would only trip the
     // system call filter.
-    let has_gid = |g| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(path).is_ok_and(|m| m.gid() == g)
-    };
+    let has_gid = |g| std::fs::symlink_metadata(path).is_ok_and(|m| m.gid() == g);
     if let Some(gid) = gid.filter(|&g| !has_gid(g)) {
-        if let Err(e) = std::os::unix::fs::chown(path, None, Some(gid)) {
+        if let Err(e) = std::os::unix::fs::lchown(path, None, Some(gid)) {
             warn!(error = %e, path = %path.display(), "cannot give the socket its group");
         }
     }
     Ok(listener)
 }
 
-/// State shared by every connection.
-pub struct Ctx {
-    pub reader: Handle,
-    pub netns: Option<String>,
-    pub history: Option<crate::history::HistoryHandle>,
+/// NUL-delimited frames of at most `MAX_REQUEST_LEN` bytes.
+struct NulCodec {
+    /// Bytes of the buffer already searched for a NUL.
+    searched: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CodecError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Decoder for NulCodec {
+    type Item = Bytes;
+    type Error = CodecError;
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
+        match find_frame(buf, self.searched, MAX_REQUEST_LEN)? {
+            Some(i) => {
+                let frame = buf.split_to(i).freeze();
+                buf.advance(1);
+                self.searched = 0;
+                Ok(Some(frame))
+            }
+            None => {
+                self.searched = buf.len();
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Encoder<Bytes> for NulCodec {
+    type Error = CodecError;
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.reserve(item.len() + 1);
+        dst.put(item);
+        dst.put_u8(0);
+        Ok(())
+    }
 }
 
 pub struct Server {
@@ -150,8 +267,7 @@ pub struct Server {
     cfg: ServerConfig,
     gid: Option<libc::gid_t>,
     ctx: Arc<Ctx>,
-    /// Caps concurrent connections; a client beyond it gets an error and is closed.
-    limit: Arc<Semaphore>,
+    slots: Arc<Slots>,
     tasks: TaskTracker,
 }
 
@@ -162,13 +278,17 @@ impl Server {
         gid: Option<libc::gid_t>,
         ctx: Ctx,
     ) -> Self {
-        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let slots = Arc::new(Slots::new(
+            cfg.max_connections,
+            cfg.reserved_root,
+            cfg.per_uid,
+        ));
         Server {
             listener,
             cfg,
             gid,
             ctx: Arc::new(ctx),
-            limit,
+            slots,
             tasks: TaskTracker::new(),
         }
     }
@@ -217,34 +337,39 @@ impl Server {
                     );
                     self.tasks.spawn(refuse(
                         stream,
-                        errors::PERMISSION_DENIED,
+                        Reply::error(errors::PERMISSION_DENIED, serde_json::json!({})),
                         self.cfg.write_timeout,
                     ));
                     continue;
                 }
             };
-            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-                warn!(uid, "connection refused: too many connections");
-                self.tasks
-                    .spawn(refuse(stream, errors::UNAVAILABLE, self.cfg.write_timeout));
-                continue;
+            let slot = match self.slots.admit(uid) {
+                Ok(s) => s,
+                Err(r) => {
+                    let reason = r.to_string();
+                    warn!(uid, "connection refused: {reason}");
+                    let reply =
+                        Reply::error(errors::UNAVAILABLE, serde_json::json!({ "reason": reason }));
+                    self.tasks
+                        .spawn(refuse(stream, reply, self.cfg.write_timeout));
+                    continue;
+                }
             };
             let conn = Connection {
-                framed: Framed::new(
-                    stream,
-                    AnyDelimiterCodec::new_with_max_length(vec![0], vec![0], MAX_REQUEST_LEN),
-                ),
+                framed: Framed::new(stream, NulCodec { searched: 0 }),
                 ctx: self.ctx.clone(),
                 idle_timeout: self.cfg.idle_timeout,
                 write_timeout: self.cfg.write_timeout,
             };
             let cancel = shutdown.clone();
             self.tasks.spawn(async move {
+                let evicted = slot.evicted();
                 tokio::select! {
-                    _ = conn.run(uid) => {}
+                    _ = conn.run(uid, &slot) => {}
                     _ = cancel.cancelled() => {}
+                    _ = evicted.cancelled() => debug!(uid, "idle connection gave up its slot to a newcomer"),
                 }
-                drop(permit);
+                drop(slot);
             });
         }
         self.tasks.close();
@@ -253,39 +378,32 @@ impl Server {
     }
 }
 
-async fn refuse(stream: UnixStream, error: &str, write_timeout: Duration) {
-    let mut framed = Framed::new(stream, AnyDelimiterCodec::new(vec![0], vec![0]));
-    let reply = Reply::error(error, serde_json::json!({}));
-    if let Ok(text) = serde_json::to_string(&reply) {
-        let _ = tokio::time::timeout(write_timeout, framed.send(text)).await;
+async fn refuse(stream: UnixStream, reply: Reply, write_timeout: Duration) {
+    let mut framed = Framed::new(stream, NulCodec { searched: 0 });
+    if let Ok(text) = serde_json::to_vec(&reply) {
+        let _ = tokio::time::timeout(write_timeout, framed.send(Bytes::from(text))).await;
     }
 }
 
 /// One client: reads a call, answers it, repeats.
 struct Connection {
-    framed: Framed<UnixStream, AnyDelimiterCodec>,
+    framed: Framed<UnixStream, NulCodec>,
     ctx: Arc<Ctx>,
     idle_timeout: Duration,
     write_timeout: Duration,
 }
 
 impl Connection {
-    async fn write(&mut self, reply: &Reply) -> bool {
-        let text = match serde_json::to_string(reply) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "cannot encode a reply");
-                return false;
-            }
-        };
+    async fn write(&mut self, text: Bytes) -> bool {
         matches!(
             tokio::time::timeout(self.write_timeout, self.framed.send(text)).await,
             Ok(Ok(()))
         )
     }
 
-    async fn run(mut self, uid: u32) {
+    async fn run(mut self, uid: u32, slot: &slots::Slot) {
         loop {
+            slot.set_idle(true);
             let frame = match tokio::time::timeout(self.idle_timeout, self.framed.next()).await {
                 Err(_) => {
                     debug!(uid, "closing idle connection");
@@ -293,14 +411,16 @@ impl Connection {
                 }
                 Ok(None) => return,
                 Ok(Some(Ok(f))) => f,
-                Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
-                    let reason = format!("message longer than {MAX_REQUEST_LEN} bytes");
+                Ok(Some(Err(CodecError::Frame(e)))) => {
+                    let reason = e.to_string();
                     warn!(uid, "{reason}; closing");
                     let r = Reply::error(
                         errors::INVALID_REQUEST,
                         serde_json::json!({ "reason": reason }),
                     );
-                    self.write(&r).await;
+                    if let Ok(t) = serde_json::to_vec(&r) {
+                        self.write(Bytes::from(t)).await;
+                    }
                     return;
                 }
                 Ok(Some(Err(e))) => {
@@ -308,28 +428,26 @@ impl Connection {
                     return;
                 }
             };
-            if let Some(reply) = handle_frame(&frame, &self.ctx).await {
-                if !self.write(&reply).await {
+            slot.set_idle(false);
+            let reply = match parse_call(&frame) {
+                Ok(req) => {
+                    let oneway = req.oneway;
+                    let text = dispatch(req, &self.ctx).await;
+                    (!oneway).then_some(text)
+                }
+                Err(reason) => serde_json::to_vec(&Reply::error(
+                    errors::INVALID_REQUEST,
+                    serde_json::json!({ "reason": reason }),
+                ))
+                .ok()
+                .map(Bytes::from),
+            };
+            if let Some(text) = reply {
+                if !self.write(text).await {
                     debug!(uid, "client does not read its replies; closing");
                     return;
                 }
             }
         }
     }
-}
-
-/// Parses one frame and dispatches it. `None` for oneway calls.
-async fn handle_frame(frame: &Bytes, ctx: &Ctx) -> Option<Reply> {
-    let req: ctwatch_proto::Request = match serde_json::from_slice(frame) {
-        Ok(r) => r,
-        Err(e) => {
-            return Some(Reply::error(
-                errors::INVALID_REQUEST,
-                serde_json::json!({ "reason": format!("not a Varlink call: {e}") }),
-            ))
-        }
-    };
-    let oneway = req.oneway;
-    let reply = dispatch(req, ctx).await;
-    (!oneway).then_some(reply)
 }

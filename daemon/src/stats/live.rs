@@ -8,18 +8,22 @@
 //! whose DESTROY will never come (mark and sweep). A record is 20 bytes (key 8, flow slot 4,
 //! backend slot 4, mark/orphan/birth 4), so memory is bounded by the kernel's own table size:
 //! about 21 bytes × the next power of two above count / 0.875.
+//!
+//! The tracker belongs to the reader thread and is never shared: readers get what it
+//! `publish_into`s a [`Snapshot`].
 
 use std::collections::hash_map::Entry as Entry_;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
-use ctwatch_proto::{proto_name, Dimension, TopEntry, TopParams, TopReply};
-
-use super::keys::{addr_string, family_name, BackendKey, ClientKey, FlowKey, ServiceKey};
+use super::keys::{BackendKey, ClientKey, FlowKey, ServiceKey};
+use super::snapshot::{bucket_rows, DimSnap, LiveRow, Snapshot};
 use super::table::{Table, OTHER};
 use super::window::{Act, Window};
 use crate::conntrack::decode::{status, Conn, Tuple};
+use crate::dims::FlatKey;
 use crate::history::record::{lifetime_bin, Counts, HistKey};
+use ctwatch_proto::Dimension;
 
 /// Caps on tracked keys per dimension. Beyond a cap, keys fold into `(other)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +98,9 @@ struct Keys {
 }
 
 impl Keys {
-    /// Counts a new entry under its keys; returns its flow and backend slots.
-    fn count(&mut self, c: &Conn) -> (u32, u32) {
+    /// Counts an entry under its keys; returns its flow and backend slots. `created`: the
+    /// entry is new (a NEW event, or found in a gap), and counts in its keys' creation rate.
+    fn count(&mut self, c: &Conn, created: bool) -> (u32, u32) {
         let service_key = ServiceKey::of(c);
         let service = self
             .services
@@ -132,10 +137,18 @@ impl Keys {
         self.flows.inc(flow);
         self.services.inc(service);
         self.clients.inc(client);
+        if created {
+            self.flows.count_new(flow);
+            self.services.count_new(service);
+            self.clients.count_new(client);
+        }
         let backend = match BackendKey::of(c) {
             Some(k) => {
                 let b = self.backends.intern(&k, false, || ()).unwrap_or(OTHER);
                 self.backends.inc(b);
+                if created {
+                    self.backends.count_new(b);
+                }
                 b
             }
             None => NO_BACKEND,
@@ -245,7 +258,7 @@ impl Tracker {
                 }
             }
             Entry_::Vacant(v) => {
-                let (flow, backend) = self.keys.count(c);
+                let (flow, backend) = self.keys.count(c, true);
                 v.insert(Entry {
                     flow,
                     backend,
@@ -314,50 +327,44 @@ impl Tracker {
         let w = &mut self.windows;
         [
             close_dim(&mut w.service, &k.services, keep, |s| {
-                Some(HistKey {
-                    family: s.family,
-                    proto: s.proto,
-                    port: s.dport,
-                    zone: s.zone,
-                    a: [0; 16],
-                    b: s.dst,
-                    other: false,
-                })
+                Some(FlatKey::from(s).to_hist(Dimension::Service))
             }),
             close_dim(&mut w.client, &k.clients, keep, |c| {
-                Some(HistKey {
-                    family: c.family,
-                    proto: 0,
-                    port: 0,
-                    zone: c.zone,
-                    a: c.src,
-                    b: [0; 16],
-                    other: false,
-                })
+                Some(FlatKey::from(c).to_hist(Dimension::Client))
             }),
             close_dim(&mut w.flow, &k.flows, keep, |f| {
-                (!f.folded).then_some(HistKey {
-                    family: f.service.family,
-                    proto: f.service.proto,
-                    port: f.service.dport,
-                    zone: f.service.zone,
-                    a: f.src,
-                    b: f.service.dst,
-                    other: false,
-                })
+                (!f.folded).then(|| FlatKey::from(f).to_hist(Dimension::Flow))
             }),
             close_dim(&mut w.backend, &k.backends, keep, |b| {
-                Some(HistKey {
-                    family: b.family,
-                    proto: b.proto,
-                    port: b.port,
-                    zone: b.zone,
-                    a: b.addr,
-                    b: [0; 16],
-                    other: false,
-                })
+                Some(FlatKey::from(b).to_hist(Dimension::Backend))
             }),
         ]
+    }
+
+    /// Copies the live picture into `s` (reusing its buffers): what readers see until the
+    /// next publication. One pass over the tracked keys and the open bucket's activity.
+    pub fn publish_into(&self, s: &mut Snapshot) {
+        s.live = self.live();
+        s.orphans = self.orphans;
+        publish_dim(&self.keys.services, &self.windows.service, &mut s.services);
+        publish_dim(&self.keys.clients, &self.windows.client, &mut s.clients);
+        publish_dim(&self.keys.flows, &self.windows.flow, &mut s.flows);
+        publish_dim(&self.keys.backends, &self.windows.backend, &mut s.backends);
+        s.flow_client_other.clear();
+        s.flow_client_other.extend(
+            self.keys
+                .flows
+                .iter()
+                .map(|(_, slot)| slot.val.client == OTHER),
+        );
+    }
+
+    /// A snapshot of the tracker as it is, for tests.
+    #[cfg(test)]
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        self.publish_into(&mut s);
+        s
     }
 
     /// Starts a dump generation: entries not seen by `on_dump_entry` before `end_dump` are gone.
@@ -378,7 +385,7 @@ impl Tracker {
                 e.meta = (e.meta & !MARK) | self.parity;
             }
             Entry_::Vacant(v) => {
-                let (flow, backend) = self.keys.count(c);
+                let (flow, backend) = self.keys.count(c, missed);
                 v.insert(Entry {
                     flow,
                     backend,
@@ -392,6 +399,19 @@ impl Tracker {
                     });
                 }
             }
+        }
+    }
+
+    /// Gives up a dump generation that failed part-way: every entry is marked as seen by the
+    /// current generation again, so the next dump must see each one afresh. (Flipping the
+    /// mark back would leave the entries the failed dump had already marked looking seen by
+    /// the next one, and they would outlive its sweep.) Entries the failed dump added stay,
+    /// as orphans, until a dump that completes says whether they exist.
+    pub fn abort_dump(&mut self) {
+        self.parity ^= MARK;
+        let parity = self.parity;
+        for e in self.mirror.values_mut() {
+            e.meta = (e.meta & !MARK) | parity;
         }
     }
 
@@ -419,180 +439,6 @@ impl Tracker {
             self.mirror.shrink_to(2 * self.mirror.len());
         }
         swept
-    }
-
-    /// Live entries per key, largest first. `count` is the table size shares are taken of.
-    pub fn top(&self, p: &TopParams, count: u64) -> TopReply {
-        let denom = count.max(self.live()).max(1) as f64;
-        let share = |live: u64| (live as f64) * 100.0 / denom;
-        let proto_ok = |proto: u8| p.proto.is_none_or(|want| want == proto);
-        let port_ok = |port: u16| p.port.is_none_or(|want| want == port);
-        let mut rows: Vec<(u64, TopEntry)> = Vec::new();
-        let mut other = 0u64;
-        match p.by {
-            Dimension::Service => {
-                for (_, s) in self.keys.services.iter() {
-                    let k = &s.key;
-                    if proto_ok(k.proto) && port_ok(k.dport) {
-                        rows.push((s.live as u64, service_row(k)));
-                    }
-                }
-                if p.proto.is_none() && p.port.is_none() {
-                    other = self.keys.services.other_live;
-                }
-            }
-            Dimension::Flow => {
-                for (_, s) in self.keys.flows.iter() {
-                    let k = &s.key;
-                    if !(proto_ok(k.service.proto) && port_ok(k.service.dport)) {
-                        continue;
-                    }
-                    if k.folded {
-                        other += s.live as u64;
-                        continue;
-                    }
-                    let mut row = service_row(&k.service);
-                    row.src = Some(addr_string(k.service.family, &k.src));
-                    rows.push((s.live as u64, row));
-                }
-                if p.proto.is_none() && p.port.is_none() {
-                    other += self.keys.flows.other_live;
-                }
-            }
-            Dimension::Client if p.proto.is_none() && p.port.is_none() => {
-                for (_, s) in self.keys.clients.iter() {
-                    rows.push((s.live as u64, client_row(&s.key)));
-                }
-                other = self.keys.clients.other_live;
-            }
-            Dimension::Client => {
-                // Filtered by what clients connect to: add up their matching flows.
-                let mut per: HashMap<u32, u64> = HashMap::new();
-                for (_, s) in self.keys.flows.iter() {
-                    let k = &s.key;
-                    if proto_ok(k.service.proto) && port_ok(k.service.dport) {
-                        if s.val.client == OTHER {
-                            other += s.live as u64;
-                        } else {
-                            *per.entry(s.val.client).or_default() += s.live as u64;
-                        }
-                    }
-                }
-                for (c, live) in per {
-                    rows.push((live, client_row(&self.keys.clients.get(c).key)));
-                }
-            }
-            Dimension::Backend => {
-                for (_, s) in self.keys.backends.iter() {
-                    let k = &s.key;
-                    if proto_ok(k.proto) && port_ok(k.port) {
-                        rows.push((
-                            s.live as u64,
-                            TopEntry {
-                                proto: Some(proto_name(k.proto)),
-                                family: Some(family_name(k.family).into()),
-                                backend: Some(addr_string(k.family, &k.addr)),
-                                backend_port: Some(k.port),
-                                zone: nonzero(k.zone),
-                                ..Default::default()
-                            },
-                        ));
-                    }
-                }
-                if p.proto.is_none() && p.port.is_none() {
-                    other = self.keys.backends.other_live;
-                }
-            }
-        }
-        let limit = p.limit.max(1);
-        let by_live_then_key = |a: &(u64, TopEntry), b: &(u64, TopEntry)| {
-            b.0.cmp(&a.0)
-                .then_with(|| row_sort_key(&a.1).cmp(&row_sort_key(&b.1)))
-        };
-        if rows.len() > limit {
-            rows.select_nth_unstable_by(limit - 1, by_live_then_key);
-            // Rows beyond the limit are summed into (other) with the keys folded past the cap,
-            // so that the rows always add up to every matching entry.
-            other += rows[limit..].iter().map(|r| r.0).sum::<u64>();
-            rows.truncate(limit);
-        }
-        rows.sort_unstable_by(by_live_then_key);
-        let mut entries: Vec<TopEntry> = rows
-            .into_iter()
-            .map(|(live, mut e)| {
-                e.live = live;
-                e.share_pct = round2(share(live));
-                e
-            })
-            .collect();
-        if other > 0 {
-            entries.push(TopEntry {
-                live: other,
-                share_pct: round2(share(other)),
-                other: Some(true),
-                ..Default::default()
-            });
-        }
-        TopReply {
-            by: p.by.as_str().into(),
-            count,
-            entries,
-        }
-    }
-
-    /// Keys with the most new entries in the open history bucket, with their rate over
-    /// `secs` (the bucket's age) and their live count now.
-    pub fn top_by_new(&self, by: Dimension, n: usize, secs: f64, count: u64) -> Vec<TopEntry> {
-        let secs = secs.max(1.0);
-        let denom = count.max(self.live()).max(1) as f64;
-        fn pick<K: std::hash::Hash + Eq + Copy, V>(
-            w: &Window<K>,
-            t: &Table<K, V>,
-            n: usize,
-            row: impl Fn(&K) -> TopEntry,
-        ) -> Vec<(u32, u64, TopEntry)> {
-            let mut v: Vec<(u32, &K)> = w
-                .map
-                .iter()
-                .filter(|(_, a)| a.new > 0)
-                .map(|(k, a)| (a.new, k))
-                .collect();
-            v.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
-            v.truncate(n);
-            v.into_iter()
-                .map(|(new, k)| {
-                    let live = t.find(k).map(|i| t.get(i).live as u64).unwrap_or(0);
-                    (new, live, row(k))
-                })
-                .collect()
-        }
-        let k = &self.keys;
-        let w = &self.windows;
-        let rows = match by {
-            Dimension::Service => pick(&w.service, &k.services, n, service_row),
-            Dimension::Client => pick(&w.client, &k.clients, n, client_row),
-            Dimension::Backend => pick(&w.backend, &k.backends, n, |b| TopEntry {
-                proto: Some(proto_name(b.proto)),
-                family: Some(family_name(b.family).into()),
-                backend: Some(addr_string(b.family, &b.addr)),
-                backend_port: Some(b.port),
-                zone: nonzero(b.zone),
-                ..Default::default()
-            }),
-            Dimension::Flow => pick(&w.flow, &k.flows, n, |f| {
-                let mut r = service_row(&f.service);
-                r.src = Some(addr_string(f.service.family, &f.src));
-                r
-            }),
-        };
-        rows.into_iter()
-            .map(|(new, live, mut e)| {
-                e.live = live;
-                e.share_pct = round2(live as f64 * 100.0 / denom);
-                e.new_per_sec = Some(round2(new as f64 / secs));
-                e
-            })
-            .collect()
     }
 
     /// Tracked keys per dimension: (services, clients, flows, backends).
@@ -647,100 +493,6 @@ fn touch(keys: &Keys, w: &mut Windows, flow: u32, backend: u32, mut f: impl FnMu
     }
 }
 
-fn counts_of(a: &Act) -> Counts {
-    let mut c = Counts {
-        new: a.new as u64,
-        destroyed: a.destroyed as u64,
-        unreplied: a.unreplied as u64,
-        assured: a.assured as u64,
-        bytes: a.bytes,
-        packets: a.packets,
-        live_max: a.live_max as u64,
-        ..Default::default()
-    };
-    for (d, s) in c.lifetime.iter_mut().zip(a.lifetime.iter()) {
-        *d = *s as u64;
-    }
-    c
-}
-
-/// A candidate row while a bucket closes, ordered by weight (live_max, new, destroyed), then key.
-struct Cand {
-    weight: (u64, u64, u64),
-    key: HistKey,
-    counts: Counts,
-}
-
-impl PartialEq for Cand {
-    fn eq(&self, o: &Self) -> bool {
-        (self.weight, self.key) == (o.weight, o.key)
-    }
-}
-impl Eq for Cand {}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Cand {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        // Heavier first; among equals, the smaller key first.
-        self.weight
-            .cmp(&o.weight)
-            .then_with(|| o.key.cmp(&self.key))
-    }
-}
-
-/// The `keep` heaviest rows of a closing bucket, kept in a min-heap so that closing a bucket
-/// needs memory for `keep` rows, however many keys are live; the rest fold into `other`.
-struct TopRows {
-    heap: std::collections::BinaryHeap<std::cmp::Reverse<Cand>>,
-    keep: usize,
-    other: Counts,
-}
-
-impl TopRows {
-    fn fold(&mut self, c: &Counts, keys: u64) {
-        self.other.absorb_parallel(c);
-        self.other.live_end += c.live_end;
-        self.other.keys += keys;
-    }
-
-    fn offer(&mut self, key: Option<HistKey>, counts: Counts) {
-        let Some(key) = key else {
-            // Rows that are already a fold (per-service folded flows).
-            self.fold(&counts, 1);
-            return;
-        };
-        let weight = (counts.live_max, counts.new, counts.destroyed);
-        self.heap.push(std::cmp::Reverse(Cand {
-            weight,
-            key,
-            counts,
-        }));
-        if self.heap.len() > self.keep {
-            if let Some(std::cmp::Reverse(c)) = self.heap.pop() {
-                self.fold(&c.counts, 1);
-            }
-        }
-    }
-
-    fn finish(self) -> Vec<(HistKey, Counts)> {
-        let mut rows: Vec<(HistKey, Counts)> = self
-            .heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|std::cmp::Reverse(c)| (c.key, c.counts))
-            .collect();
-        let mut other = self.other;
-        other.live_max = other.live_max.max(other.live_end);
-        if other != Counts::default() {
-            rows.push((HistKey::OTHER, other));
-        }
-        rows
-    }
-}
-
 /// One dimension's records for a closing bucket (see `Tracker::close_bucket`).
 fn close_dim<K: std::hash::Hash + Eq + Copy, V>(
     w: &mut Window<K>,
@@ -749,78 +501,41 @@ fn close_dim<K: std::hash::Hash + Eq + Copy, V>(
     to_key: impl Fn(&K) -> Option<HistKey>,
 ) -> Vec<(HistKey, Counts)> {
     let (acts, other_act, other_keys) = w.take();
-    let mut top = TopRows {
-        heap: std::collections::BinaryHeap::with_capacity(keep + 1),
-        keep: keep.max(1),
-        other: counts_of(&other_act),
-    };
-    top.other.keys = other_keys;
-    top.other.live_end = table.other_live;
-    // Keys with activity in the bucket, with their live count now.
-    for (k, a) in &acts {
-        let mut c = counts_of(a);
-        if let Some(i) = table.find(k) {
-            let live = table.get(i).live as u64;
-            c.live_end = live;
-            c.live_max = c.live_max.max(live);
-        }
-        top.offer(to_key(k), c);
-    }
-    // Keys that were only live.
-    for (_, slot) in table.iter() {
-        if acts.contains_key(&slot.key) {
-            continue;
-        }
-        let live = slot.live as u64;
-        let c = Counts {
-            live_end: live,
-            live_max: live,
-            ..Default::default()
-        };
-        top.offer(to_key(&slot.key), c);
-    }
-    top.finish()
+    let only_live = table
+        .iter()
+        .filter(|(_, slot)| !acts.contains_key(&slot.key))
+        .map(|(_, slot)| (slot.key, slot.live as u64));
+    bucket_rows(
+        acts.iter().map(|(k, a)| (*k, *a)),
+        |k| table.find(k).map(|i| table.get(i).live as u64),
+        only_live,
+        &other_act,
+        other_keys,
+        table.other_live,
+        keep,
+        to_key,
+    )
 }
 
-fn nonzero(zone: u16) -> Option<u16> {
-    (zone != 0).then_some(zone)
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn service_row(k: &ServiceKey) -> TopEntry {
-    TopEntry {
-        proto: Some(proto_name(k.proto)),
-        family: Some(family_name(k.family).into()),
-        dst: Some(addr_string(k.family, &k.dst)),
-        dport: Some(k.dport),
-        zone: nonzero(k.zone),
-        ..Default::default()
-    }
-}
-
-fn client_row(k: &ClientKey) -> TopEntry {
-    TopEntry {
-        family: Some(family_name(k.family).into()),
-        src: Some(addr_string(k.family, &k.src)),
-        zone: nonzero(k.zone),
-        ..Default::default()
-    }
-}
-
-/// A deterministic tie-break between rows with equal counts.
-type RowKey<'a> = (
-    &'a Option<String>,
-    &'a Option<String>,
-    Option<u16>,
-    &'a Option<String>,
-    &'a Option<String>,
-);
-
-fn row_sort_key(e: &TopEntry) -> RowKey<'_> {
-    (&e.proto, &e.dst, e.dport, &e.src, &e.backend)
+/// One dimension of a publication.
+fn publish_dim<K: std::hash::Hash + Eq + Copy, V>(
+    table: &Table<K, V>,
+    window: &Window<K>,
+    out: &mut DimSnap<K>,
+) {
+    out.rows.clear();
+    out.rows.extend(table.iter().map(|(_, s)| LiveRow {
+        key: s.key,
+        live: s.live,
+        new: s.new,
+    }));
+    out.other_live = table.other_live;
+    out.other_new = table.other_new;
+    out.folded = table.folded;
+    out.window.clear();
+    out.window.extend(window.map.iter().map(|(k, a)| (*k, *a)));
+    out.window_other = window.other;
+    out.window_other_keys = window.other_keys_estimate();
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ pub struct Slot<K, V> {
     pub key: K,
     pub val: V,
     pub live: u32,
+    /// Entries created under this key since the slot was made (wrapping): readers take rates
+    /// from two snapshots' difference.
+    pub new: u32,
 }
 
 pub struct Table<K, V> {
@@ -25,8 +28,9 @@ pub struct Table<K, V> {
     /// Most keys tracked at once; beyond it, new keys fold into `(other)`.
     cap: usize,
     in_use: usize,
-    /// Live entries counted in `(other)`.
+    /// Live entries counted in `(other)`, and entries created under it (wrapping).
     pub other_live: u64,
+    pub other_new: u32,
     /// Times a key was folded into `(other)` because the table was full.
     pub folded: u64,
 }
@@ -41,6 +45,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
             cap,
             in_use: 0,
             other_live: 0,
+            other_new: 0,
             folded: 0,
         }
     }
@@ -77,6 +82,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
             key: *key,
             val: make_val(),
             live: 0,
+            new: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -101,6 +107,17 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
             self.other_live += 1;
         } else {
             self.slots[i as usize].live += 1;
+        }
+    }
+
+    /// Counts a created entry (NEW, or one a gap-filling dump found) for the slot's rate.
+    #[inline]
+    pub fn count_new(&mut self, i: u32) {
+        if i == OTHER {
+            self.other_new = self.other_new.wrapping_add(1);
+        } else {
+            let s = &mut self.slots[i as usize];
+            s.new = s.new.wrapping_add(1);
         }
     }
 

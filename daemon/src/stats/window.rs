@@ -91,6 +91,15 @@ impl<K: Hash + Eq + Copy> Window<K> {
         self.map.entry(*k).or_default()
     }
 
+    /// Distinct keys folded into `(other)` so far (estimated; 0 when it saw no activity).
+    pub fn other_keys_estimate(&self) -> u64 {
+        if self.other == Act::default() {
+            0
+        } else {
+            self.other_keys.estimate()
+        }
+    }
+
     /// Takes the bucket's activity and starts an empty one.
     pub fn take(&mut self) -> (HashMap<K, Act, foldhash::fast::RandomState>, Act, u64) {
         let map = std::mem::take(&mut self.map);

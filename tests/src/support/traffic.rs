@@ -10,11 +10,15 @@ fn any_for(dst: &SocketAddr) -> &'static str {
     }
 }
 
-/// `n` UDP flows to `dst`, each from its own source port (one datagram each).
+/// `n` UDP flows to `dst`, each from its own source port (one datagram each). The sockets stay
+/// open until all have sent, so no two share a port (a port freed and picked again would make
+/// two datagrams one flow).
 pub fn udp_flows(dst: SocketAddr, n: usize) {
-    assert!(n <= 1_000_000);
-    for _ in 0..n {
-        let s = UdpSocket::bind(any_for(&dst)).unwrap();
+    assert!(n <= 20_000);
+    let socks: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind(any_for(&dst)).unwrap())
+        .collect();
+    for s in &socks {
         s.send_to(b"ctwatch", dst).unwrap();
     }
 }

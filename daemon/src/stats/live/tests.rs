@@ -1,5 +1,6 @@
 use super::*;
 use crate::conntrack::decode::{status, ConnKind, AF_INET, AF_INET6};
+use ctwatch_proto::TopParams;
 
 fn v4(a: [u8; 4]) -> [u8; 16] {
     let mut o = [0; 16];
@@ -32,7 +33,7 @@ fn conn(id: u32, proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) 
 }
 
 fn top(t: &Tracker, by: Dimension) -> Vec<(String, u64)> {
-    let r = t.top(
+    let r = t.snapshot().top(
         &TopParams {
             by,
             limit: 100,
@@ -116,7 +117,7 @@ fn ranks_services_clients_flows() {
     let flows = top(&t, Dimension::Flow);
     assert_eq!(flows[0], ("tcp:10.0.0.1:10.0.0.9:53".into(), 3));
     assert_eq!(flows.iter().map(|f| f.1).sum::<u64>(), 9);
-    let r = t.top(
+    let r = t.snapshot().top(
         &TopParams {
             by: Dimension::Client,
             limit: 10,
@@ -235,7 +236,7 @@ fn ipv6_and_icmp_keys() {
     c.orig.dst[15] = 1;
     c.orig.icmp_type = 128;
     t.on_new(&c, 0);
-    let r = t.top(
+    let r = t.snapshot().top(
         &TopParams {
             by: Dimension::Service,
             limit: 5,
@@ -269,7 +270,7 @@ fn rows_beyond_the_limit_fold_into_other() {
             );
         }
     }
-    let r = t.top(
+    let r = t.snapshot().top(
         &TopParams {
             by: Dimension::Service,
             limit: 3,

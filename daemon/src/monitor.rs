@@ -1,0 +1,301 @@
+//! The monitor: one thread that polls the kernel's conntrack statistics (every 100 ms, on its
+//! own request socket: two small requests, so the table's count in an answer is as fresh as
+//! the live picture), reads the sysctls and the slab object size (every few seconds), runs the
+//! incident engine every second on those figures and on the kernel-log lines the watcher hands
+//! it, and
+//! publishes what it knows ([`KernelView`], the open incidents) for everyone to read without a
+//! lock. It never touches the reader: the live picture it needs comes from snapshots.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use ctwatch_proto::Incident;
+use tracing::warn;
+
+use crate::conntrack::{KernelStats, RequestSocket};
+use crate::incidents::{Ctx, Engine};
+use crate::kmsg::KmsgEvent;
+use crate::reader::unix_now;
+use crate::stats::Published;
+use crate::supervise::Health;
+
+/// How often the kernel's counters are read.
+pub const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How often the incident engine looks at them.
+pub const ENGINE_EVERY: Duration = Duration::from_secs(1);
+/// How often sysctls and /proc/slabinfo are read.
+const SYSCTLS_EVERY: Duration = Duration::from_secs(5);
+/// How far back the creation rates in incident snapshots look.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Kernel-log events waiting for the monitor; the watcher waits for room (lines are rare).
+const QUEUE: usize = 256;
+
+/// Reads one integer sysctl of the current network namespace.
+pub fn sysctl(name: &str) -> Option<i64> {
+    std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The kernel's side of the picture, as last read.
+#[derive(Debug, Clone, Default)]
+pub struct KernelView {
+    pub stats: KernelStats,
+    /// When `stats` was read (`None`: never).
+    pub at: Option<Instant>,
+    pub buckets: u64,
+    pub accounting: bool,
+    pub timestamps: bool,
+    /// `nf_conntrack_events` (-1: unreadable).
+    pub events_mode: i64,
+    /// The `nf_conntrack` slab object size, when /proc/slabinfo is readable (root only).
+    pub object_size: Option<u64>,
+    /// Why the last poll failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The published kernel view, and the open bucket's peak entry count (raised by every poll,
+/// reset by the reader when a bucket opens).
+#[derive(Clone)]
+pub struct Kernel {
+    view: Arc<ArcSwap<KernelView>>,
+    peak: Arc<AtomicU64>,
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Kernel {
+            view: Arc::new(ArcSwap::from_pointee(KernelView {
+                events_mode: -1,
+                ..Default::default()
+            })),
+            peak: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Kernel {
+    pub fn view(&self) -> Arc<KernelView> {
+        self.view.load_full()
+    }
+
+    /// The first figures, read by the reader at start.
+    pub fn seed(&self, stats: KernelStats) {
+        let mut v = (*self.view()).clone();
+        v.stats = stats;
+        v.at = Some(Instant::now());
+        self.publish(v);
+    }
+
+    fn publish(&self, v: KernelView) {
+        self.peak.fetch_max(v.stats.entries, Ordering::Relaxed);
+        self.view.store(Arc::new(v));
+    }
+
+    pub fn start_bucket(&self, entries: u64) {
+        self.peak.store(entries, Ordering::Relaxed);
+    }
+
+    /// Most entries seen in the open bucket so far.
+    pub fn bucket_peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+enum Msg {
+    Kmsg(KmsgEvent),
+    Stop,
+}
+
+/// Sends to the monitor: kernel-log events, and the stop.
+#[derive(Clone)]
+pub struct MonitorHandle {
+    tx: SyncSender<Msg>,
+    /// The open incidents, as of the monitor's last turn.
+    pub open: Arc<ArcSwap<Vec<Incident>>>,
+}
+
+impl MonitorHandle {
+    /// A kernel-log event; waits for room. False once the monitor is gone.
+    pub fn kmsg(&self, ev: KmsgEvent) -> bool {
+        self.tx.send(Msg::Kmsg(ev)).is_ok()
+    }
+
+    pub fn stop(&self) {
+        let _ = self.tx.try_send(Msg::Stop);
+    }
+}
+
+pub struct Monitor {
+    requests: RequestSocket,
+    kernel: Kernel,
+    engine: Engine,
+    snapshots: Published,
+    rx: Receiver<Msg>,
+    /// Kept so the channel never disconnects (the kernel-log watcher may never start).
+    _tx: SyncSender<Msg>,
+    open: Arc<ArcSwap<Vec<Incident>>>,
+    health: Arc<Health>,
+    last_poll: Option<Instant>,
+    last_engine: Option<Instant>,
+    last_sysctls: Option<Instant>,
+    failures: u64,
+    /// Snapshots of the last few seconds (one per engine turn), for creation rates now.
+    recent: std::collections::VecDeque<Arc<crate::stats::Snapshot>>,
+}
+
+impl Monitor {
+    pub fn new(
+        requests: RequestSocket,
+        kernel: Kernel,
+        engine: Engine,
+        snapshots: Published,
+        health: Arc<Health>,
+    ) -> (Monitor, MonitorHandle) {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let open = Arc::new(ArcSwap::from_pointee(engine.open_incidents()));
+        let handle = MonitorHandle {
+            tx: tx.clone(),
+            open: open.clone(),
+        };
+        (
+            Monitor {
+                requests,
+                kernel,
+                engine,
+                snapshots,
+                rx,
+                _tx: tx,
+                open,
+                health,
+                last_poll: None,
+                last_engine: None,
+                last_sysctls: None,
+                failures: 0,
+                recent: Default::default(),
+            },
+            handle,
+        )
+    }
+
+    /// Reads the kernel's figures now and publishes them.
+    fn poll(&mut self) {
+        let mut v = (*self.kernel.view()).clone();
+        match self.requests.stats() {
+            Ok(s) => {
+                v.stats = s;
+                v.at = Some(Instant::now());
+                v.error = None;
+                if self.failures > 0 {
+                    self.health.restore("kernel statistics");
+                }
+                self.failures = 0;
+            }
+            Err(e) => {
+                if self.failures == 0 {
+                    warn!(error = %e, "cannot read kernel conntrack statistics");
+                }
+                self.failures += 1;
+                v.error = Some(e.to_string());
+                self.health.degrade("kernel statistics", e.to_string());
+            }
+        }
+        if self
+            .last_sysctls
+            .is_none_or(|t| t.elapsed() >= SYSCTLS_EVERY)
+        {
+            self.last_sysctls = Some(Instant::now());
+            v.buckets = sysctl("nf_conntrack_buckets").unwrap_or(0).max(0) as u64;
+            v.accounting = sysctl("nf_conntrack_acct").unwrap_or(0) != 0;
+            v.timestamps = sysctl("nf_conntrack_timestamp").unwrap_or(0) != 0;
+            v.events_mode = sysctl("nf_conntrack_events").unwrap_or(-1);
+            v.object_size = crate::advise::slab_object_size();
+        }
+        self.kernel.publish(v);
+        self.last_poll = Some(Instant::now());
+    }
+
+    fn remember(&mut self, snap: &Arc<crate::stats::Snapshot>) {
+        self.recent.push_back(snap.clone());
+        while self
+            .recent
+            .get(1)
+            .is_some_and(|s| s.taken.elapsed() >= RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    fn ctx<'a>(
+        kernel: &Kernel,
+        recent: &'a std::collections::VecDeque<Arc<crate::stats::Snapshot>>,
+        snap: &'a crate::stats::Snapshot,
+    ) -> Ctx<'a> {
+        let k = kernel.view();
+        let now = unix_now();
+        // Rates from the newest snapshot at least RATE_WINDOW old, else the oldest kept.
+        let earlier = recent
+            .iter()
+            .rev()
+            .find(|s| s.taken.elapsed() >= RATE_WINDOW)
+            .or_else(|| recent.front())
+            .map(|s| &**s);
+        Ctx {
+            snap,
+            earlier,
+            count: k.stats.entries,
+            max: k.stats.max,
+            counters: k.stats.counters,
+            now,
+            window_secs: now.saturating_sub(snap.bucket_start).max(1) as f64,
+        }
+    }
+
+    fn publish_incidents(&mut self) {
+        self.engine.retry_saves();
+        let open = self.engine.open_incidents();
+        if **self.open.load() != open {
+            self.open.store(Arc::new(open));
+        }
+    }
+
+    pub fn run(mut self) {
+        let fault = crate::supervise::test_fault("monitor");
+        self.engine.prime(self.kernel.view().stats.counters);
+        loop {
+            let wait = self
+                .last_poll
+                .map(|t| POLL_EVERY.saturating_sub(t.elapsed()))
+                .unwrap_or_default();
+            match self.rx.recv_timeout(wait) {
+                Ok(Msg::Stop) => break,
+                Ok(Msg::Kmsg(ev)) => {
+                    // Counters first, so the incident's baseline predates the drop it reports.
+                    self.poll();
+                    let snap = self.snapshots.load_full();
+                    let ctx = Self::ctx(&self.kernel, &self.recent, &snap);
+                    self.engine.on_kmsg(ev, &ctx);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.poll();
+                    if self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
+                        self.last_engine = Some(Instant::now());
+                        let snap = self.snapshots.load_full();
+                        let ctx = Self::ctx(&self.kernel, &self.recent, &snap);
+                        self.engine.on_stats(&ctx);
+                        self.remember(&snap);
+                        if fault {
+                            panic!("CTWATCHD_TEST_FAULT=monitor");
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.publish_incidents();
+        }
+        self.engine.flush();
+    }
+}
