@@ -65,12 +65,7 @@ fn new_counter(ns: &Netns) -> u64 {
 }
 
 fn bench_ns(events_always: bool) -> Netns {
-    let ns = Netns::new();
-    // Drop the datagrams on the way in (after conntrack confirmed them on the way out), so
-    // the kernel spends nothing on ICMP port-unreachable replies.
-    ns.nft("table inet ctbench {\n chain in {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n");
-    ns.sysctl("net.netfilter.nf_conntrack_udp_timeout", "300");
-    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    let ns = Netns::for_load();
     if events_always {
         // Entries made before any listener get the event extension too, so a flush of
         // pre-filled entries emits DESTROY events.
@@ -360,6 +355,201 @@ fn run_case(kind: Kind, use_ctwatchd: bool, a: &Args, extras: &mut Extras) -> Re
     })
 }
 
+/// The kernel's own floor for a dump: a netlink socket that asks for the whole table and
+/// receives it, parsing nothing but message headers (to see NLMSG_DONE). Same receive buffer
+/// as ctwatchd's request socket (4 MiB).
+fn raw_dump(ns: &Netns) -> Result<(Duration, u64)> {
+    ns.run(|| -> Result<(Duration, u64)> {
+        // SAFETY: plain socket calls on a descriptor this function owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 12);
+            if fd < 0 {
+                bail!("netlink socket: {}", std::io::Error::last_os_error());
+            }
+            let size: libc::c_int = 4 << 20;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const _ as *const libc::c_void,
+                4,
+            );
+            // nlmsghdr (len 20, type CTNETLINK<<8 | IPCTNL_MSG_CT_GET, REQUEST|DUMP, seq 1)
+            // and nfgenmsg (AF_UNSPEC, version 0, res_id 0).
+            let mut req = Vec::with_capacity(20);
+            req.extend_from_slice(&20u32.to_ne_bytes());
+            req.extend_from_slice(&((1u16 << 8) | 1).to_ne_bytes());
+            req.extend_from_slice(&(0x1u16 | 0x300).to_ne_bytes());
+            req.extend_from_slice(&1u32.to_ne_bytes());
+            req.extend_from_slice(&0u32.to_ne_bytes());
+            req.extend_from_slice(&[0, 0, 0, 0]);
+            let mut buf = vec![0u8; 64 * 1024];
+            let t0 = Instant::now();
+            if libc::send(fd, req.as_ptr() as *const libc::c_void, req.len(), 0) < 0 {
+                libc::close(fd);
+                bail!("send: {}", std::io::Error::last_os_error());
+            }
+            let mut messages = 0u64;
+            'outer: loop {
+                let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+                if n <= 0 {
+                    libc::close(fd);
+                    bail!("recv: {}", std::io::Error::last_os_error());
+                }
+                let mut off = 0usize;
+                while off + 16 <= n as usize {
+                    let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                    let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                    if ty == 3 || ty == 2 {
+                        break 'outer;
+                    }
+                    messages += 1;
+                    if len < 16 {
+                        break;
+                    }
+                    off += (len + 3) & !3;
+                }
+            }
+            let took = t0.elapsed();
+            libc::close(fd);
+            Ok((took, messages))
+        }
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Startup with a large table: ctwatchd's time from start until it answers with the whole table
+/// (Status shows live = the kernel's count), against the kernel's own dump time, alternating
+/// runs in the same namespace; medians.
+fn startup_rows(a: &Args) -> Result<Vec<String>> {
+    let ns = Netns::for_load();
+    let made = load::udp_new_flood(&ns.path(), 2, a.entries, Duration::from_secs(120));
+    if made < a.entries * 9 / 10 {
+        bail!("pre-fill made only {made} entries");
+    }
+    let count = ns.conntrack_count();
+    let runs = if a.smoke { 2 } else { 5 };
+    let (mut floor, mut ready) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (t, _) = raw_dump(&ns)?;
+        floor.push(t.as_secs_f64() * 1000.0);
+        let t0 = Instant::now();
+        let d = Daemon::start(&ns, DaemonOpts::default());
+        loop {
+            let s = d.json(&["status"]);
+            if s["live"].as_u64() >= Some(count) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("ctwatchd did not answer with the whole table in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ready.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (f, r) = (median(floor.clone()), median(ready.clone()));
+    Ok(vec![
+        format!(
+            "startup with {count} entries ({runs} runs each, alternating; medians): kernel dump alone {f:.0} ms, ctwatchd answering with the whole table {r:.0} ms, ratio {:.2}",
+            r / f
+        ),
+        format!(
+            "  runs (ms): kernel {}; ctwatchd {}",
+            floor.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" "),
+            ready.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ")
+        ),
+    ])
+}
+
+/// The one-sender flood alone, then under 63 clients (with the probe, the 64 connections the
+/// daemon takes) looping over every method with its costliest parameters: events lost, and
+/// Status latency as one more client sees it.
+fn client_load_rows(a: &Args) -> Result<Vec<String>> {
+    use ctwatch_tests::support::clients::Hammer;
+    use ctwatch_tests::support::Varlink;
+    let mut out = vec![format!(
+        "{:<32} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>14}",
+        "flood, 1 sender, full rate",
+        "created",
+        "seen",
+        "lost",
+        "Status p50",
+        "p99",
+        "max",
+        "client calls"
+    )];
+    for clients in [0usize, 63] {
+        let ns = Netns::for_load();
+        let d = Daemon::start(&ns, DaemonOpts::default());
+        let hammer =
+            (clients > 0).then(|| Hammer::start(&d.socket, clients, Duration::from_secs(300)));
+        if let Some(h) = &hammer {
+            let t = Instant::now();
+            while h.calls.load(Ordering::Relaxed) < 100 && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = {
+            let (socket, stop) = (d.socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = Varlink::connect(&socket).expect("probe");
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if c.call("io.ctwatch.Status", serde_json::json!({})).is_ok() {
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                lat
+            })
+        };
+        let new0 = new_counter(&ns);
+        let s0 = d.json(&["status"]);
+        load::udp_new_flood(&ns.path(), 1, u64::MAX / 4, Duration::from_secs(a.seconds));
+        let _ = converge(&d, &ns, Instant::now());
+        stop.store(true, Ordering::Relaxed);
+        let lat = probe.join().unwrap_or_default();
+        let calls = hammer.map(|h| h.stop());
+        let s1 = d.json(&["status"]);
+        let created = new_counter(&ns) - new0;
+        let seen =
+            s1["events"]["new"].as_u64().unwrap_or(0) - s0["events"]["new"].as_u64().unwrap_or(0);
+        let lost =
+            s1["events"]["lost"].as_u64().unwrap_or(0) - s0["events"]["lost"].as_u64().unwrap_or(0);
+        let pct = |p: f64| {
+            let mut v = lat.clone();
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        out.push(format!(
+            "{:<32} {:>9} {:>9} {:>6} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>14}",
+            if clients == 0 {
+                "alone".to_string()
+            } else {
+                format!("{clients} clients, costliest calls")
+            },
+            created,
+            seen,
+            lost,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            calls
+                .map(|c| format!("{} ({} refused)", c.calls, c.errors))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(out)
+}
+
 fn time_ms(f: impl FnOnce()) -> u128 {
     let t = Instant::now();
     f();
@@ -460,6 +650,16 @@ fn main() -> Result<()> {
     }
     println!();
     for l in &extras.lines {
+        println!("{l}");
+    }
+    println!();
+    eprintln!("ctbench: the flood under client load");
+    for l in client_load_rows(&a)? {
+        println!("{l}");
+    }
+    println!();
+    eprintln!("ctbench: startup against the kernel's dump");
+    for l in startup_rows(&a)? {
         println!("{l}");
     }
     println!("(µs/event: CPU time of the monitor process during the load and its drain, per event created; µs/seen: per event it received; ratios: ctwatchd ÷ conntrack -E)");

@@ -143,8 +143,11 @@ pub struct Monitor {
     last_engine: Option<Instant>,
     last_sysctls: Option<Instant>,
     failures: u64,
-    /// Snapshots of the last few seconds (one per engine turn), for creation rates now.
-    recent: std::collections::VecDeque<Arc<crate::stats::Snapshot>>,
+    /// Two trimmed copies of earlier snapshots (their services, clients and backends only), for
+    /// creation rates now: `earlier` is 5 to 10 s old and rates are taken from it; `next`
+    /// replaces it once it is old enough. Two copies, not one snapshot per second: memory.
+    earlier: Option<crate::stats::Snapshot>,
+    next: Option<crate::stats::Snapshot>,
 }
 
 impl Monitor {
@@ -175,7 +178,8 @@ impl Monitor {
                 last_engine: None,
                 last_sysctls: None,
                 failures: 0,
-                recent: Default::default(),
+                earlier: None,
+                next: None,
             },
             handle,
         )
@@ -218,31 +222,24 @@ impl Monitor {
         self.last_poll = Some(Instant::now());
     }
 
-    fn remember(&mut self, snap: &Arc<crate::stats::Snapshot>) {
-        self.recent.push_back(snap.clone());
-        while self
-            .recent
-            .get(1)
-            .is_some_and(|s| s.taken.elapsed() >= RATE_WINDOW)
-        {
-            self.recent.pop_front();
+    fn remember(&mut self, snap: &crate::stats::Snapshot) {
+        match &self.next {
+            None => self.next = Some(snap.rate_basis()),
+            Some(n) if n.taken.elapsed() >= RATE_WINDOW => {
+                self.earlier = self.next.take();
+                self.next = Some(snap.rate_basis());
+            }
+            Some(_) => {}
         }
     }
 
     fn ctx<'a>(
         kernel: &Kernel,
-        recent: &'a std::collections::VecDeque<Arc<crate::stats::Snapshot>>,
+        earlier: Option<&'a crate::stats::Snapshot>,
         snap: &'a crate::stats::Snapshot,
     ) -> Ctx<'a> {
         let k = kernel.view();
         let now = unix_now();
-        // Rates from the newest snapshot at least RATE_WINDOW old, else the oldest kept.
-        let earlier = recent
-            .iter()
-            .rev()
-            .find(|s| s.taken.elapsed() >= RATE_WINDOW)
-            .or_else(|| recent.front())
-            .map(|s| &**s);
         Ctx {
             snap,
             earlier,
@@ -264,6 +261,7 @@ impl Monitor {
 
     pub fn run(mut self) {
         let fault = crate::supervise::test_fault("monitor");
+        let started = Instant::now();
         self.engine.prime(self.kernel.view().stats.counters);
         loop {
             let wait = self
@@ -276,7 +274,11 @@ impl Monitor {
                     // Counters first, so the incident's baseline predates the drop it reports.
                     self.poll();
                     let snap = self.snapshots.load_full();
-                    let ctx = Self::ctx(&self.kernel, &self.recent, &snap);
+                    let ctx = Self::ctx(
+                        &self.kernel,
+                        self.earlier.as_ref().or(self.next.as_ref()),
+                        &snap,
+                    );
                     self.engine.on_kmsg(ev, &ctx);
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -284,10 +286,14 @@ impl Monitor {
                     if self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
                         self.last_engine = Some(Instant::now());
                         let snap = self.snapshots.load_full();
-                        let ctx = Self::ctx(&self.kernel, &self.recent, &snap);
+                        let ctx = Self::ctx(
+                            &self.kernel,
+                            self.earlier.as_ref().or(self.next.as_ref()),
+                            &snap,
+                        );
                         self.engine.on_stats(&ctx);
                         self.remember(&snap);
-                        if fault {
+                        if fault && started.elapsed() >= Duration::from_secs(1) {
                             panic!("CTWATCHD_TEST_FAULT=monitor");
                         }
                     }

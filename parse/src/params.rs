@@ -145,7 +145,9 @@ pub fn query(p: &mut Params, now: u64) -> Result<QueryParams, ParamError> {
         if s == 0 {
             return Err(invalid("step"));
         }
-        let points = (until - since).div_ceil(s);
+        // Points are aligned to multiples of the step, so they fall on bucket boundaries and
+        // the last one is the bucket in progress.
+        let points = (until - (since - since % s)).div_ceil(s);
         if points > MAX_POINTS {
             return Err(ParamError::Limit {
                 parameter: "step",

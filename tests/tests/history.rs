@@ -26,6 +26,7 @@ fn opts(state: &Path) -> DaemonOpts {
     DaemonOpts {
         config: FAST.into(),
         state_dir: Some(state.to_path_buf()),
+        ..Default::default()
     }
 }
 

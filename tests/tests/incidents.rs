@@ -56,6 +56,7 @@ fn start(ns: &Netns, state: &Path) -> Daemon {
         DaemonOpts {
             config: CONFIG.into(),
             state_dir: Some(state.to_path_buf()),
+            ..Default::default()
         },
     )
 }
@@ -222,6 +223,7 @@ fn start_with(ns: &Netns, state: &Path, config: &str) -> Daemon {
         DaemonOpts {
             config: config.into(),
             state_dir: Some(state.to_path_buf()),
+            ..Default::default()
         },
     )
 }

@@ -237,7 +237,9 @@ pub fn query(
     }
     // Pass 2: series, for the shown rows and (other) only.
     if let Some(step) = p.step {
-        let npoints = (p.until - p.since).div_ceil(step) as usize;
+        // Points start at a multiple of the step: bucket boundaries, whatever `since` is.
+        let p0 = p.since - p.since % step;
+        let npoints = (p.until - p0).div_ceil(step) as usize;
         let index: HashMap<HistKey, usize> =
             shown.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let mut series = vec![vec![PointCounts::default(); npoints]; shown.len()];
@@ -252,7 +254,7 @@ pub fn query(
             open.as_ref(),
             deadline,
             |t, recs| {
-                let i = ((t.max(p.since) - p.since) / step) as usize;
+                let i = ((t.max(p0) - p0) / step) as usize;
                 if i >= npoints {
                     return;
                 }
@@ -276,11 +278,11 @@ pub fn query(
             },
         )?;
         for (row, pts) in reply.rows.iter_mut().zip(series.iter()) {
-            row.points = Some(points(p.since, step, pts));
+            row.points = Some(points(p0, step, pts));
         }
         if any_other {
             if let Some(last) = reply.rows.last_mut() {
-                last.points = Some(points(p.since, step, &other_series));
+                last.points = Some(points(p0, step, &other_series));
             }
         }
     }

@@ -186,11 +186,11 @@ impl Writer {
 
     pub fn run(mut self) {
         crate::supervise::lower_priority(crate::supervise::NICE_WRITER);
-        let fault = crate::supervise::test_fault("writer");
+        if crate::supervise::test_fault("writer") {
+            std::thread::sleep(Duration::from_secs(1));
+            panic!("CTWATCHD_TEST_FAULT=writer");
+        }
         loop {
-            if fault {
-                panic!("CTWATCHD_TEST_FAULT=writer");
-            }
             match self.rx.recv() {
                 Ok(Msg::Bucket(b)) => self.handle(b),
                 Ok(Msg::Incident(i)) => self.incident(&i),

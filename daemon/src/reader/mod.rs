@@ -545,7 +545,7 @@ impl Reader {
                 self.base.live_max = self.base.live_max.max(self.tracker.live());
             }
             self.timers();
-            if fault && self.control.started.elapsed() > Duration::from_millis(500) {
+            if fault && self.control.started.elapsed() > Duration::from_secs(1) {
                 panic!("CTWATCHD_TEST_FAULT=reader");
             }
             if got == 0 {

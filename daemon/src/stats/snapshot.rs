@@ -18,7 +18,7 @@ use ctwatch_proto::{Dimension, TopEntry, TopParams, TopReply};
 use super::keys::{BackendKey, ClientKey, FlowKey, ServiceKey};
 use super::window::Act;
 use crate::dims::FlatKey;
-use crate::fold::top_n;
+use crate::fold::{top_n, TopN};
 use crate::history::record::{Counts, HistKey};
 
 /// One tracked key: its live entries, and entries created under it since it was first
@@ -215,7 +215,9 @@ pub fn bucket_rows<K: Copy + Eq + Hash>(
     let mut other = counts_of(other_act);
     other.keys = other_keys;
     other.live_end = other_live;
-    let candidates = acts
+    // Offered one at a time to a bounded heap: memory for `keep` rows, however many keys.
+    let mut top = TopN::new(keep.max(1));
+    let rows = acts
         .into_iter()
         .map(|(k, a)| {
             let mut c = counts_of(&a);
@@ -234,21 +236,21 @@ pub fn bucket_rows<K: Copy + Eq + Hash>(
                     ..Default::default()
                 },
             )
-        }))
-        .filter_map(|(k, c)| match to_key(&k) {
-            Some(hk) => Some((hk, (c.live_max, c.new, c.destroyed), c)),
-            None => {
-                // Rows that are already a fold (a service's flows past the cap).
-                other.absorb_parallel(&c);
-                other.keys += 1;
-                None
-            }
-        })
-        .collect::<Vec<_>>();
-    let kept = top_n(candidates, keep.max(1), |_, c| {
-        other.absorb_parallel(&c);
-        other.keys += 1;
-    });
+        }));
+    for (k, c) in rows {
+        // Rows without a key of their own are already a fold (a service's flows past the cap).
+        let out = match to_key(&k) {
+            Some(hk) => top
+                .offer(hk, (c.live_max, c.new, c.destroyed), c)
+                .map(|(_, c)| c),
+            None => Some(c),
+        };
+        if let Some(c) = out {
+            other.absorb_parallel(&c);
+            other.keys += 1;
+        }
+    }
+    let kept = top.into_sorted();
     let mut rows: Vec<(HistKey, Counts)> = kept.into_iter().map(|(k, _, c)| (k, c)).collect();
     other.live_max = other.live_max.max(other.live_end);
     if other != Counts::default() {
@@ -318,15 +320,32 @@ impl<K: Copy + Ord + Hash> DimSnap<K> {
     }
 }
 
-/// The `limit` rows with the most live entries, largest first.
-fn rank(rows: Vec<(FlatKey, u64)>, limit: usize) -> Vec<(FlatKey, u64)> {
-    top_n(rows.into_iter().map(|(k, l)| (k, l, ())), limit, |_, ()| {})
-        .into_iter()
-        .map(|(k, l, ())| (k, l))
-        .collect()
-}
-
 impl Snapshot {
+    /// A copy with only what creation rates of services, clients and backends need (their
+    /// rows), to be kept for a few seconds at little cost.
+    pub fn rate_basis(&self) -> Snapshot {
+        Snapshot {
+            seq: self.seq,
+            taken: self.taken,
+            unix: self.unix,
+            live: self.live,
+            bucket_start: self.bucket_start,
+            services: DimSnap {
+                rows: self.services.rows.clone(),
+                ..DimSnap::default()
+            },
+            clients: DimSnap {
+                rows: self.clients.rows.clone(),
+                ..DimSnap::default()
+            },
+            backends: DimSnap {
+                rows: self.backends.rows.clone(),
+                ..DimSnap::default()
+            },
+            ..Snapshot::default()
+        }
+    }
+
     /// How old the snapshot is.
     pub fn age(&self) -> Duration {
         self.taken.elapsed()
@@ -340,17 +359,26 @@ impl Snapshot {
         let proto_ok = |proto: u8| p.proto.is_none_or(|want| want == proto);
         let port_ok = |port: u16| p.port.is_none_or(|want| want == port);
         let unfiltered = p.proto.is_none() && p.port.is_none();
-        let mut other: u64 = 0;
-        let mut rows: Vec<(FlatKey, u64)> = Vec::new();
+        // Ranked as they are read (a bounded heap of `limit` rows); everything not kept, and
+        // every entry folded past a cap, goes into the (other) row.
+        let mut top: TopN<FlatKey, u64, ()> = TopN::new(p.limit.max(1));
+        let mut rest: u64 = 0;
+        // Returns the live entries offered; those of rows pushed out are what `total` minus
+        // the kept rows leaves.
+        let mut offer = |k: FlatKey, live: u64| {
+            top.offer(k, live, ());
+            live
+        };
+        let mut total: u64 = 0;
         match p.by {
             Dimension::Service => {
                 for r in &self.services.rows {
                     if proto_ok(r.key.proto) && port_ok(r.key.dport) {
-                        rows.push(((&r.key).into(), r.live as u64));
+                        total += offer((&r.key).into(), r.live as u64);
                     }
                 }
                 if unfiltered {
-                    other = self.services.other_live;
+                    rest += self.services.other_live;
                 }
             }
             Dimension::Flow => {
@@ -360,20 +388,20 @@ impl Snapshot {
                         continue;
                     }
                     if k.folded {
-                        other += r.live as u64;
+                        rest += r.live as u64;
                     } else {
-                        rows.push((k.into(), r.live as u64));
+                        total += offer(k.into(), r.live as u64);
                     }
                 }
                 if unfiltered {
-                    other += self.flows.other_live;
+                    rest += self.flows.other_live;
                 }
             }
             Dimension::Client if unfiltered => {
                 for r in &self.clients.rows {
-                    rows.push(((&r.key).into(), r.live as u64));
+                    total += offer((&r.key).into(), r.live as u64);
                 }
-                other = self.clients.other_live;
+                rest += self.clients.other_live;
             }
             Dimension::Client => {
                 // Filtered by what clients connect to: add up their matching flows.
@@ -384,7 +412,7 @@ impl Snapshot {
                         continue;
                     }
                     if k.folded || client_other {
-                        other += r.live as u64;
+                        rest += r.live as u64;
                     } else {
                         let c = ClientKey {
                             family: k.service.family,
@@ -394,26 +422,27 @@ impl Snapshot {
                         *per.entry(c).or_default() += r.live as u64;
                     }
                 }
-                rows.extend(per.iter().map(|(k, &l)| (k.into(), l)));
+                for (k, l) in per {
+                    total += offer((&k).into(), l);
+                }
             }
             Dimension::Backend => {
                 for r in &self.backends.rows {
                     if proto_ok(r.key.proto) && port_ok(r.key.port) {
-                        rows.push(((&r.key).into(), r.live as u64));
+                        total += offer((&r.key).into(), r.live as u64);
                     }
                 }
                 if unfiltered {
-                    other = self.backends.other_live;
+                    rest += self.backends.other_live;
                 }
             }
         }
-        let total = rows.iter().map(|r| r.1).sum::<u64>() + other;
-        let kept = rank(rows, p.limit.max(1));
+        let kept = top.into_sorted();
         // What the shown rows leave out: keys beyond the limit and those folded past the cap.
-        let rest = total - kept.iter().map(|r| r.1).sum::<u64>();
+        rest += total - kept.iter().map(|r| r.1).sum::<u64>();
         let mut entries: Vec<TopEntry> = kept
             .into_iter()
-            .map(|(k, live)| TopEntry {
+            .map(|(k, live, ())| TopEntry {
                 live,
                 share_pct: pct(live, denom),
                 ..k.fields(p.by).top_entry()

@@ -60,6 +60,8 @@ pub struct DaemonOpts {
     pub config: String,
     /// State directory to use (kept across restarts); a fresh one when `None`.
     pub state_dir: Option<PathBuf>,
+    /// Extra environment (NOTIFY_SOCKET, WATCHDOG_USEC, CTWATCHD_TEST_FAULT, ...).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Daemon {
@@ -73,6 +75,18 @@ impl Daemon {
     /// Starts ctwatchd without waiting for it: the command line `start` uses, logging (appending)
     /// to `log`.
     pub fn spawn_raw(ns: &Netns, dir: &Path, state_dir: &Path, config: &str, log: &Path) -> Child {
+        Self::spawn_env(ns, dir, state_dir, config, log, &[])
+    }
+
+    /// `spawn_raw` with extra environment variables.
+    pub fn spawn_env(
+        ns: &Netns,
+        dir: &Path,
+        state_dir: &Path,
+        config: &str,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Child {
         let cfg = dir.join("ctwatchd.toml");
         std::fs::write(&cfg, config).unwrap();
         let logf = std::fs::OpenOptions::new()
@@ -95,6 +109,7 @@ impl Daemon {
             )
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
@@ -110,7 +125,7 @@ impl Daemon {
             .state_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
-        let child = Self::spawn_raw(ns, dir.path(), &state, &opts.config, &log);
+        let child = Self::spawn_env(ns, dir.path(), &state, &opts.config, &log, &opts.env);
         let mut d = Daemon {
             child: Some(child),
             socket,
@@ -160,6 +175,29 @@ impl Daemon {
 
     pub fn json(&self, args: &[&str]) -> Value {
         ctctl_json(&self.socket, args)
+    }
+
+    /// Waits for the daemon to exit by itself, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        let end = std::time::Instant::now() + within;
+        while std::time::Instant::now() < end {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The daemon's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// SIGKILL and wait.

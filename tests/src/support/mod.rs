@@ -1,15 +1,18 @@
 //! Shared helpers. Everything a test creates is removed in `Drop`, also when it panics.
 
+pub mod clients;
 mod daemon;
 pub mod load;
 mod max;
 mod netns;
 mod traffic;
+mod varlink;
 
 pub use daemon::{ctctl, ctctl_json, target_bin, Daemon, DaemonOpts, TempDir};
 pub use max::ConntrackMax;
 pub use netns::{kernel_services, Netns};
 pub use traffic::{tcp_conns, udp_flows, udp_flows_from_one};
+pub use varlink::Varlink;
 
 use std::time::{Duration, Instant};
 
