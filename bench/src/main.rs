@@ -29,6 +29,10 @@ struct Args {
     /// Seconds each flood runs.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// Run only these sections: loads (ctwatchd against conntrack -E), clients (the flood under
+    /// client load), startup (a large table against the kernel's own dump). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn ticks_per_sec() -> f64 {
@@ -465,9 +469,9 @@ fn startup_rows(a: &Args) -> Result<Vec<String>> {
     ])
 }
 
-/// The one-sender flood alone, then under 63 clients (with the probe, the 64 connections the
-/// daemon takes) looping over every method with its costliest parameters: events lost, and
-/// Status latency as one more client sees it.
+/// The one-sender flood alone, then under 62 clients looping over every method with its
+/// costliest parameters (with the probe and the bench's own status calls, the 64 connections
+/// the daemon takes): events lost, and Status latency as one more client sees it.
 fn client_load_rows(a: &Args) -> Result<Vec<String>> {
     use ctwatch_tests::support::clients::Hammer;
     use ctwatch_tests::support::Varlink;
@@ -482,7 +486,7 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
         "max",
         "client calls"
     )];
-    for clients in [0usize, 63] {
+    for clients in [0usize, 62] {
         let ns = Netns::for_load();
         let d = Daemon::start(&ns, DaemonOpts::default());
         let hammer =
@@ -575,9 +579,10 @@ fn main() -> Result<()> {
         Kind::Tcp,
         Kind::Scan,
     ];
+    let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let mut rows = Vec::new();
     let mut extras = Extras { lines: Vec::new() };
-    for kind in kinds {
+    for kind in kinds.into_iter().filter(|_| want("loads")) {
         for ctw in [true, false] {
             eprintln!(
                 "ctbench: {} with {}",
@@ -587,50 +592,51 @@ fn main() -> Result<()> {
             rows.push(run_case(kind, ctw, &a, &mut extras)?);
         }
     }
-    println!(
-        "{:<22} {:<13} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8} {:>6} {:>9} {:>10}",
-        "load",
-        "monitor",
-        "created",
-        "seen",
-        "lost",
-        "cpu ms",
-        "user ms",
-        "µs/event",
-        "ratio",
-        "µs/seen",
-        "ratio",
-        "peak RSS",
-        "converged"
-    );
     let mut failed = false;
-    for pair in rows.chunks(2) {
-        let e = pair.iter().find(|r| r.monitor == "conntrack -E");
-        let base = e.map(|r| r.cpu / r.created.max(1) as f64);
-        let base_seen = e.map(|r| r.cpu / r.seen.max(1) as f64);
-        for r in pair {
-            let per = r.cpu * 1e6 / r.created.max(1) as f64;
-            let per_seen = r.cpu * 1e6 / r.seen.max(1) as f64;
-            let ratio_of = |mine: f64, base: Option<f64>| match (r.monitor, base) {
-                ("ctwatchd", Some(b)) if b > 0.0 => format!("{:.2}", mine / 1e6 / b),
-                _ => String::new(),
-            };
-            let ratio = ratio_of(per, base);
-            let ratio_seen = ratio_of(per_seen, base_seen);
-            let conv = match (r.monitor, r.converge_ms) {
-                ("ctwatchd", Some(ms)) => format!("{ms} ms"),
-                ("ctwatchd", None) => {
-                    failed = true;
-                    "NEVER".into()
-                }
-                _ => String::new(),
-            };
-            let rss = if r.monitor == "ctwatchd" {
-                format!("{} MiB", r.rss_kib / 1024)
-            } else {
-                String::new()
-            };
-            println!(
+    if want("loads") {
+        println!(
+            "{:<22} {:<13} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8} {:>6} {:>9} {:>10}",
+            "load",
+            "monitor",
+            "created",
+            "seen",
+            "lost",
+            "cpu ms",
+            "user ms",
+            "µs/event",
+            "ratio",
+            "µs/seen",
+            "ratio",
+            "peak RSS",
+            "converged"
+        );
+        for pair in rows.chunks(2) {
+            let e = pair.iter().find(|r| r.monitor == "conntrack -E");
+            let base = e.map(|r| r.cpu / r.created.max(1) as f64);
+            let base_seen = e.map(|r| r.cpu / r.seen.max(1) as f64);
+            for r in pair {
+                let per = r.cpu * 1e6 / r.created.max(1) as f64;
+                let per_seen = r.cpu * 1e6 / r.seen.max(1) as f64;
+                let ratio_of = |mine: f64, base: Option<f64>| match (r.monitor, base) {
+                    ("ctwatchd", Some(b)) if b > 0.0 => format!("{:.2}", mine / 1e6 / b),
+                    _ => String::new(),
+                };
+                let ratio = ratio_of(per, base);
+                let ratio_seen = ratio_of(per_seen, base_seen);
+                let conv = match (r.monitor, r.converge_ms) {
+                    ("ctwatchd", Some(ms)) => format!("{ms} ms"),
+                    ("ctwatchd", None) => {
+                        failed = true;
+                        "NEVER".into()
+                    }
+                    _ => String::new(),
+                };
+                let rss = if r.monitor == "ctwatchd" {
+                    format!("{} MiB", r.rss_kib / 1024)
+                } else {
+                    String::new()
+                };
+                println!(
                 "{:<22} {:<13} {:>9} {:>9} {:>8} {:>8.0} {:>8.0} {:>9.2} {:>6} {:>8.2} {:>6} {:>9} {:>10}",
                 r.kind.name(),
                 r.monitor,
@@ -646,23 +652,31 @@ fn main() -> Result<()> {
                 rss,
                 conv
             );
+            }
+        }
+        println!();
+        for l in &extras.lines {
+            println!("{l}");
         }
     }
-    println!();
-    for l in &extras.lines {
-        println!("{l}");
+    if want("loads") {
+        println!("(µs/event: CPU time of the monitor process during the load and its drain, per event created; µs/seen: per event it received; ratios: ctwatchd ÷ conntrack -E)");
     }
-    println!();
-    eprintln!("ctbench: the flood under client load");
-    for l in client_load_rows(&a)? {
-        println!("{l}");
+    if want("clients") {
+        println!();
+        eprintln!("ctbench: the flood under client load");
+        for l in client_load_rows(&a)? {
+            println!("{l}");
+        }
     }
-    println!();
-    eprintln!("ctbench: startup against the kernel's dump");
-    for l in startup_rows(&a)? {
-        println!("{l}");
+    if want("startup") {
+        println!();
+        eprintln!("ctbench: startup against the kernel's dump");
+        for l in startup_rows(&a)? {
+            println!("{l}");
+        }
     }
-    println!("(µs/event: CPU time of the monitor process during the load and its drain, per event created; µs/seen: per event it received; ratios: ctwatchd ÷ conntrack -E)");
+
     if failed {
         bail!("ctwatchd's live count did not converge to the kernel's after some load");
     }
