@@ -169,8 +169,8 @@ pub fn status(s: &StatusReply) -> String {
         (
             "events",
             format!(
-                "new {}  destroy {}  lost {}  overruns {}  unknown destroy {}  decode errors {}",
-                e.new, e.destroy, e.lost, e.overruns, e.destroy_unknown, e.decode_errors
+                "new {}  destroy {}  lost {}  overruns {}  unknown destroy {}  decode errors {}  forged {}",
+                e.new, e.destroy, e.lost, e.overruns, e.destroy_unknown, e.decode_errors, e.forged
             ),
         ),
     ];
@@ -216,11 +216,26 @@ pub fn status(s: &StatusReply) -> String {
     rows.push((
         "history",
         if h.enabled {
+            let mut extra = String::new();
+            if h.corrupt_blobs > 0 {
+                let _ = write!(extra, "; {} corrupt blobs left out", h.corrupt_blobs);
+            }
+            if h.deleted_for_cap > 0 {
+                let _ = write!(
+                    extra,
+                    "; {} buckets deleted for the disk cap",
+                    h.deleted_for_cap
+                );
+            }
+            if h.quarantined > 0 {
+                let _ = write!(extra, "; {} broken copies kept", h.quarantined);
+            }
             format!(
-                "{} buckets written, {} dropped, {} KiB on disk{}",
+                "{} buckets written, {} dropped, {} KiB on disk of {} MiB{extra}{}",
                 h.buckets_written,
                 h.buckets_dropped,
                 h.disk_bytes / 1024,
+                h.max_disk_bytes >> 20,
                 h.last_error
                     .as_ref()
                     .map(|e| format!("; last error: {e}"))
@@ -250,6 +265,9 @@ pub fn status(s: &StatusReply) -> String {
             }
         ),
     ));
+    if !s.health.degraded.is_empty() {
+        rows.push(("degraded", s.health.degraded.join("; ")));
+    }
     rows.push((
         "daemon",
         format!(

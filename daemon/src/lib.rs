@@ -25,12 +25,12 @@ pub mod monitor;
 pub mod notify;
 pub mod reader;
 pub mod server;
+pub mod state;
 pub mod stats;
 pub mod store;
 pub mod supervise;
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,22 +48,28 @@ async fn join(t: std::thread::JoinHandle<()>, within: Duration) {
 }
 
 /// Runs the daemon until `shutdown` is cancelled, or until one of its threads dies (then it
-/// returns the error, and the process should exit non-zero).
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+/// returns the error, and the process should exit non-zero). `state` is the claimed state
+/// directory (`state::claim`), or the transient fault that kept it from being claimed: then
+/// history is off, `Status` says why, and the writer keeps trying.
+pub async fn run(
+    config: Config,
+    state: Result<state::StateDir, state::StateError>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let fatal = Fatal::new();
     let health = Health::new();
     let started = Instant::now();
-    // History first: its store opens before anything else can fail or be killed.
+    // History first: its store opens before anything else can fail or be killed. Without
+    // history the state directory is still held (the kernel log position lives there).
+    let mut state = Some(state);
+    let _held = config.history.is_none().then(|| state.take());
     let (history, writer) = match config.history.clone() {
         Some(hcfg) => {
-            if let Err(e) = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(&config.state_dir)
-            {
-                warn!(dir = %config.state_dir.display(), error = %e, "cannot create the state directory");
+            let state = state.take().expect("held for history");
+            if let Err(e) = &state {
+                warn!(error = %e, "the state directory is unusable: history is off until it is");
             }
-            let (h, w) = tokio::task::spawn_blocking(move || history::writer::open(hcfg))
+            let (h, w) = tokio::task::spawn_blocking(move || history::writer::open(hcfg, state))
                 .await
                 .context("history start panicked")?;
             (Some(h), Some(w))

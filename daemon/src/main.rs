@@ -78,8 +78,17 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // The state directory first, before anything is touched: a second ctwatchd on the same one
+    // is refused with one line naming the holder.
+    let state = ctwatchd::state::claim(&config.state_dir);
+    if let Err(e) = &state {
+        if !e.is_transient() {
+            eprintln!("ctwatchd: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     init_logging(&config.log_level);
-    match start(config) {
+    match start(config, state) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -89,7 +98,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(config: Config) -> anyhow::Result<()> {
+fn start(
+    config: Config,
+    state: Result<ctwatchd::state::StateDir, ctwatchd::state::StateError>,
+) -> anyhow::Result<()> {
     // Before any thread exists: every thread the runtime starts inherits the namespace.
     if let Some(ns) = &config.netns {
         ctwatchd::enter_netns(ns)?;
@@ -122,6 +134,6 @@ fn start(config: Config) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             trigger.cancel();
         });
-        ctwatchd::run(config, shutdown).await
+        ctwatchd::run(config, state, shutdown).await
     })
 }

@@ -665,6 +665,19 @@ pub struct HistoryStatus {
     pub last_error: Option<String>,
     /// Peak table usage per minute over the last hour, oldest first.
     pub usage_1h: Vec<UsageMinute>,
+    /// Stored blobs found unreadable (left out of rollups and answers).
+    #[serde(default)]
+    pub corrupt_blobs: u64,
+    /// Buckets deleted to keep the store under its disk cap.
+    #[serde(default)]
+    pub deleted_for_cap: u64,
+    /// The disk cap (`max_disk_mb`), in bytes; `disk_bytes` counts the store's files and the
+    /// broken copies kept.
+    #[serde(default)]
+    pub max_disk_bytes: u64,
+    /// Broken stores moved aside and kept for inspection.
+    #[serde(default)]
+    pub quarantined: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_24h: Option<Peak>,
 }

@@ -1,7 +1,6 @@
 //! History in sled, end to end: restarts, kill -9, a broken store, a full disk, a port scan.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -301,35 +300,6 @@ fn a_corrupt_store_is_moved_aside_and_the_daemon_starts_fresh() {
         Some(Value::from(0)),
         "{rows:?}"
     );
-}
-
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs(PathBuf);
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount tmpfs");
-        Tmpfs(path.to_path_buf())
-    }
-}
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn fill(path: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![0u8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    let _ = f.sync_all();
 }
 
 #[test]

@@ -1,12 +1,24 @@
 //! The history writer: a thread that owns the store's write side. The reader hands it closed
-//! buckets over a bounded queue (never waiting on disk); it writes each as one batch, rolls
-//! buckets up into coarse ones, expires old ones and keeps the store under its size cap.
+//! buckets over a bounded queue (never waiting on disk); the monitor hands it incidents the
+//! same way. It writes each bucket as one batch, rolls buckets up into coarse ones, expires
+//! old ones and incidents, and keeps the store under its disk cap.
 //!
-//! When a write fails (full disk, I/O error) the bucket is dropped and counted, the store is
-//! closed, and it is opened again a little later: sled refuses every operation after its
-//! first I/O error, so this is how writing resumes once space returns.
+//! - **Never thrown away by mistake.** The store opens only once the state directory is held
+//!   (`state::claim`). A store is moved aside only when proven unreadable; a full, read-only
+//!   or unwritable disk or too many open files leave it alone: history is off, `Status` says
+//!   why, and the writer tries again every few seconds. When a write fails, the bucket is
+//!   dropped and counted and the store reopened later (sled refuses every operation after its
+//!   first I/O error).
+//! - **The disk cap holds by what is on disk** (the store's files and the broken copies kept):
+//!   checked after every bucket, it deletes broken copies first, then the oldest buckets
+//!   (coarse ones are older than any fine one), never the newest hour of fine buckets. sled
+//!   reuses the space it frees before it grows its file, so freeing what the store is over
+//!   the cap, and no more, stops the growth.
+//! - **Rollups catch up**: every rollup window that has ended and has fine buckets but no
+//!   rollup yet is rolled up, so an hour whose last bucket was dropped, or missed in a crash,
+//!   is still in the 30-day view.
+//! - Corrupt blobs met while rolling up are counted (`Status`), not skipped in silence.
 
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,12 +26,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::record::{self, Counts, HistKey, TableCounts, TABLE_DIM};
+use crate::state::{StateDir, StateError};
 use crate::store::{Store, StoreError, Tier};
 
 /// History settings, from the `[history]` section of the config.
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
-    pub path: PathBuf,
+    pub path: std::path::PathBuf,
     /// Length of a fine bucket.
     pub bucket_secs: u64,
     /// Length of a coarse (rollup) bucket; a multiple of `bucket_secs`.
@@ -28,22 +41,20 @@ pub struct HistoryConfig {
     pub coarse_retention_secs: u64,
     /// Keys per dimension written per bucket; the rest fold into `(other)`.
     pub keys_per_bucket: usize,
-    /// Disk the store may use; the oldest buckets go first beyond it.
+    /// Disk the store may use (with its broken copies); the oldest buckets go first beyond it.
     pub max_disk_bytes: u64,
     /// Incidents are deleted this long after they started.
     pub incident_retention_secs: u64,
 }
 
-pub const DEFAULT_BUCKET_SECS: u64 = 60;
-pub const DEFAULT_ROLLUP_SECS: u64 = 3600;
-pub const DEFAULT_FINE_RETENTION_SECS: u64 = 48 * 3600;
-pub const DEFAULT_COARSE_RETENTION_SECS: u64 = 30 * 86400;
-pub const DEFAULT_KEYS_PER_BUCKET: usize = 100;
-pub const DEFAULT_MAX_DISK_BYTES: u64 = 512 << 20;
 /// Closed buckets waiting for the writer; beyond it they are dropped and counted.
 const QUEUE: usize = 16;
 /// Wait before reopening a store after an error.
 const REOPEN_AFTER: Duration = Duration::from_secs(5);
+/// Most rollup windows caught up per bucket written (a long outage is caught up over a few).
+const CATCH_UP_PER_PASS: usize = 48;
+/// How often retention (by age, and of incidents) runs.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// What the writer is sent.
 enum Msg {
@@ -66,6 +77,12 @@ pub struct WriterStats {
     pub dropped: u64,
     pub last_error: Option<String>,
     pub disk_bytes: u64,
+    /// Stored blobs found unreadable while rolling up.
+    pub corrupt_blobs: u64,
+    /// Buckets deleted to keep the store under its disk cap.
+    pub deleted_for_cap: u64,
+    /// Incidents deleted for their age.
+    pub incidents_expired: u64,
 }
 
 /// The cloneable front: queue to the writer, the store for queries, and the writer's figures.
@@ -108,6 +125,10 @@ impl HistoryHandle {
         s.buckets_dropped = st.dropped;
         s.disk_bytes = st.disk_bytes;
         s.last_error = st.last_error;
+        s.corrupt_blobs = st.corrupt_blobs;
+        s.deleted_for_cap = st.deleted_for_cap;
+        s.max_disk_bytes = self.cfg.max_disk_bytes;
+        s.quarantined = crate::store::quarantined(&self.cfg.path).len() as u64;
         s
     }
 
@@ -126,40 +147,38 @@ impl HistoryHandle {
     }
 }
 
-/// Opens the store (moving a broken one aside) and makes the writer, to be run on a thread of
-/// its own (`Writer::run`). A store that cannot be opened at all leaves history off until a
-/// later retry succeeds; the daemon runs on.
-pub fn open(cfg: HistoryConfig) -> (HistoryHandle, Writer) {
+/// Makes the writer, to run on a thread of its own (`Writer::run`), and opens the store if the
+/// state directory is held (moving a store aside only if it is proven unreadable). A store
+/// that cannot be opened leaves history off until a later retry succeeds; the daemon runs on.
+pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (HistoryHandle, Writer) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let stats = Arc::new(Mutex::new(WriterStats::default()));
-    let store = match Store::open_or_quarantine(&cfg.path) {
-        Ok((s, _)) => {
-            info!(path = %cfg.path.display(), "history store opened");
-            Some(s)
-        }
-        Err(e) => {
-            warn!(error = %e, "history store unavailable: live answers only until it opens");
-            stats.lock().unwrap().last_error = Some(e.to_string());
-            None
-        }
-    };
-    let store = Arc::new(Mutex::new(store));
     let handle = HistoryHandle {
         tx,
-        store: store.clone(),
+        store: Arc::new(Mutex::new(None)),
         stats: stats.clone(),
         summary: Arc::new(Mutex::new(Default::default())),
         cfg: cfg.clone(),
     };
-    let w = Writer {
+    let mut w = Writer {
         cfg,
         rx,
-        store,
+        store: handle.store.clone(),
         stats,
         summary: handle.summary.clone(),
+        state: None,
         retry_at: None,
         errors_logged: 0,
+        last_expire: None,
+        next_window: None,
     };
+    match state {
+        Ok(s) => w.state = Some(s),
+        Err(e) => w.fail(&e.to_string()),
+    }
+    if w.state.is_some() {
+        w.open_store(true);
+    }
     w.refresh_summary();
     (handle, w)
 }
@@ -170,8 +189,13 @@ pub struct Writer {
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
     summary: Arc<Mutex<ctwatch_proto::HistoryStatus>>,
+    /// The held state directory; `None` while it could not be claimed (a transient fault).
+    state: Option<StateDir>,
     retry_at: Option<Instant>,
     errors_logged: u64,
+    last_expire: Option<Instant>,
+    /// The next rollup window to check (`catch_up`).
+    next_window: Option<u64>,
 }
 
 impl Writer {
@@ -182,6 +206,34 @@ impl Writer {
         let now = crate::reader::unix_now();
         let s = super::query::usage_summary(&store, self.cfg.bucket_secs, now);
         *self.summary.lock().unwrap() = s;
+    }
+
+    /// Opens the store. `first`: at start, when a store proven unreadable is moved aside; a
+    /// reopen after a write error never moves a store aside.
+    fn open_store(&mut self, first: bool) -> Option<Store> {
+        let opened = if first {
+            Store::open_or_quarantine(&self.cfg.path).map(|(s, _)| s)
+        } else {
+            Store::open(&self.cfg.path)
+        };
+        match opened {
+            Ok(s) => {
+                info!(path = %self.cfg.path.display(), "history store opened");
+                *self.store.lock().unwrap() = Some(s.clone());
+                self.retry_at = None;
+                let mut st = self.stats.lock().unwrap();
+                st.last_error = None;
+                st.disk_bytes = s.size_on_disk();
+                Some(s)
+            }
+            Err(e) => {
+                self.fail(&format!(
+                    "{e} (history is off; retrying every {} s)",
+                    REOPEN_AFTER.as_secs()
+                ));
+                None
+            }
+        }
     }
 
     pub fn run(mut self) {
@@ -207,22 +259,25 @@ impl Writer {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        // Plain open: a full disk must not get a good store moved aside.
-        match Store::open(&self.cfg.path) {
-            Ok(s) => {
-                info!(path = %self.cfg.path.display(), "history store reopened; writing resumes");
-                *self.store.lock().unwrap() = Some(s.clone());
-                self.retry_at = None;
-                Some(s)
-            }
-            Err(e) => {
-                self.fail(&e);
-                None
+        if self.state.is_none() {
+            match crate::state::claim(
+                self.cfg
+                    .path
+                    .parent()
+                    .unwrap_or_else(|| std::path::Path::new("/")),
+            ) {
+                Ok(s) => self.state = Some(s),
+                Err(e) => {
+                    self.fail(&e.to_string());
+                    return None;
+                }
             }
         }
+        // A plain open: a full disk must not get a good store moved aside.
+        self.open_store(false)
     }
 
-    fn fail(&mut self, e: &StoreError) {
+    fn fail(&mut self, e: &str) {
         // First error, then one line per hundred, so a full disk does not flood the journal.
         if self.errors_logged % 100 == 0 {
             warn!(error = %e, dropped = self.stats.lock().unwrap().dropped, "history write failed: dropping history until the store works again");
@@ -264,14 +319,12 @@ impl Writer {
             blobs.push((i as u8, record::encode_keys(recs)));
         }
         blobs.push((TABLE_DIM, record::encode_table(&table)));
-        let result = store.put_bucket(Tier::Fine, b.start, &blobs).and_then(|_| {
-            let end = b.start + self.cfg.bucket_secs;
-            if end % self.cfg.rollup_secs == 0 {
-                self.rollup(&store, end - self.cfg.rollup_secs)?;
-                self.expire(&store, end)?;
-            }
-            Ok(())
-        });
+        let now = crate::reader::unix_now();
+        let result = store
+            .put_bucket(Tier::Fine, b.start, &blobs)
+            .and_then(|_| self.catch_up(&store, b.start + self.cfg.bucket_secs))
+            .and_then(|_| self.expire(&store, now))
+            .and_then(|_| self.enforce_cap(&store, now));
         match result {
             Ok(()) => {
                 {
@@ -288,7 +341,7 @@ impl Writer {
             Err(e) => {
                 self.stats.lock().unwrap().dropped += 1;
                 drop(store);
-                self.fail(&e);
+                self.fail(&e.to_string());
             }
         }
     }
@@ -298,21 +351,60 @@ impl Writer {
             warn!(id = i.id, "history store unavailable: incident not saved");
             return;
         };
-        let blob = serde_json::to_vec(i).unwrap_or_default();
+        let blob = match serde_json::to_vec(i) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(id = i.id, error = %e, "cannot encode an incident");
+                return;
+            }
+        };
         if let Err(e) = store.put_incident(i.id, &blob) {
             drop(store);
-            self.fail(&e);
+            self.fail(&e.to_string());
         }
+    }
+
+    /// Rolls up every rollup window that ended by `written_to` (the end of the bucket just
+    /// written), has fine buckets, and has no rollup yet. Windows are visited once, in order,
+    /// at most `CATCH_UP_PER_PASS` rollups and a thousand checks per bucket written.
+    fn catch_up(&mut self, store: &Store, written_to: u64) -> Result<(), StoreError> {
+        let r = self.cfg.rollup_secs;
+        // The newest window that has ended: the one before the window `written_to` is in.
+        let Some(last_done) = (written_to - written_to % r).checked_sub(r) else {
+            return Ok(());
+        };
+        let mut w = match self.next_window {
+            Some(w) => w,
+            None => match store.oldest(Tier::Fine) {
+                Some(f) => f - f % r,
+                None => return Ok(()),
+            },
+        };
+        let (mut rolled, mut checked) = (0, 0);
+        while w <= last_done && rolled < CATCH_UP_PER_PASS && checked < 1000 {
+            checked += 1;
+            if store.range(Tier::Coarse, TABLE_DIM, w, w + 1)?.is_empty()
+                && !store.range(Tier::Fine, TABLE_DIM, w, w + r)?.is_empty()
+            {
+                self.rollup(store, w)?;
+                rolled += 1;
+            }
+            w += r;
+        }
+        self.next_window = Some(w);
+        Ok(())
     }
 
     /// Writes the coarse bucket starting at `start` from the fine buckets it covers.
     fn rollup(&self, store: &Store, start: u64) -> Result<(), StoreError> {
         let end = start + self.cfg.rollup_secs;
         let mut blobs = Vec::new();
+        let mut corrupt = 0;
         for dim in 0u8..4 {
             let mut merged: std::collections::BTreeMap<HistKey, Counts> = Default::default();
             for (_, blob) in store.range(Tier::Fine, dim, start, end)? {
                 let Ok(recs) = record::decode_keys(&blob) else {
+                    corrupt += 1;
                     continue;
                 };
                 for (k, c) in recs {
@@ -325,42 +417,94 @@ impl Writer {
         }
         let mut table = TableCounts::default();
         let fine = store.range(Tier::Fine, TABLE_DIM, start, end)?;
-        if fine.is_empty() {
-            return Ok(());
-        }
         for (_, blob) in fine {
-            if let Ok(t) = record::decode_table(&blob) {
-                table.absorb_later(&t);
+            match record::decode_table(&blob) {
+                Ok(t) => table.absorb_later(&t),
+                Err(_) => corrupt += 1,
             }
+        }
+        if corrupt > 0 {
+            warn!(
+                start,
+                corrupt, "unreadable history blobs left out of a rollup"
+            );
+            self.stats.lock().unwrap().corrupt_blobs += corrupt;
         }
         blobs.push((TABLE_DIM, record::encode_table(&table)));
         store.put_bucket(Tier::Coarse, start, &blobs)
     }
 
-    /// Retention by age, then the disk cap, oldest fine buckets first.
-    fn expire(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+    /// Retention by age: fine and coarse buckets, and incidents.
+    fn expire(&mut self, store: &Store, now: u64) -> Result<(), StoreError> {
+        if self.last_expire.is_some_and(|t| t.elapsed() < EXPIRE_EVERY) {
+            return Ok(());
+        }
+        self.last_expire = Some(Instant::now());
         store.delete_before(Tier::Fine, now.saturating_sub(self.cfg.fine_retention_secs))?;
         store.delete_before(
             Tier::Coarse,
             now.saturating_sub(self.cfg.coarse_retention_secs),
         )?;
-        for tier in [Tier::Fine, Tier::Coarse] {
-            while store.size_on_disk() > self.cfg.max_disk_bytes {
-                let Some(oldest) = store.oldest(tier) else {
-                    break;
-                };
-                let step = if tier == Tier::Fine {
-                    self.cfg.rollup_secs
-                } else {
-                    86400
-                };
-                warn!(
-                    disk_bytes = store.size_on_disk(),
-                    cap = self.cfg.max_disk_bytes,
-                    "history over its disk cap: deleting the oldest buckets"
-                );
-                store.delete_before(tier, oldest + step)?;
+        let cutoff = now.saturating_sub(self.cfg.incident_retention_secs);
+        let n = store.expire_incidents(cutoff)?;
+        if n > 0 {
+            info!(incidents = n, "incidents past their retention deleted");
+            self.stats.lock().unwrap().incidents_expired += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Keeps what is on disk under the cap: broken copies go first, then the oldest buckets
+    /// (whichever tier holds them), never the newest rollup window of fine buckets nor the
+    /// newest rollup. sled frees space a while after data is deleted and its files weigh a
+    /// few times the data they hold: the data is cut by the share the files are over the cap
+    /// (to 90 % of what would fit), so the deletion follows what is on disk without deleting
+    /// everything while the files catch up.
+    fn enforce_cap(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let cap = self.cfg.max_disk_bytes;
+        let size = store.size_on_disk();
+        if size <= cap {
+            return Ok(());
+        }
+        let mut size = size;
+        for old in crate::store::quarantined(store.path()) {
+            let n = crate::store::dir_size(&old);
+            warn!(path = %old.display(), "history over its disk cap: deleting a broken copy");
+            let _ = std::fs::remove_dir_all(&old);
+            size = size.saturating_sub(n);
+            if size <= cap {
+                return Ok(());
             }
+        }
+        let logical = store.logical_size();
+        let target = (logical as u128 * cap as u128 * 9 / 10 / size.max(1) as u128) as u64;
+        let keep_from = now.saturating_sub(self.cfg.rollup_secs);
+        let mut deleted = 0u64;
+        while store.logical_size() > target {
+            let newest_coarse = store.newest(Tier::Coarse);
+            let coarse = store
+                .oldest(Tier::Coarse)
+                .filter(|&c| Some(c) != newest_coarse);
+            let fine = store.oldest(Tier::Fine).filter(|&f| f < keep_from);
+            // The oldest data first, whichever tier holds it.
+            let victim = match (coarse, fine) {
+                (Some(c), Some(f)) if f < c => (Tier::Fine, f),
+                (Some(c), _) => (Tier::Coarse, c),
+                (None, Some(f)) => (Tier::Fine, f),
+                (None, None) => break,
+            };
+            store.delete_bucket(victim.0, victim.1)?;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            warn!(
+                disk_bytes = size,
+                cap,
+                deleted,
+                data_bytes = store.logical_size(),
+                "history over its disk cap: the oldest buckets deleted"
+            );
+            self.stats.lock().unwrap().deleted_for_cap += deleted;
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 
 pub mod clients;
 mod daemon;
+mod fs;
 pub mod load;
 mod max;
 mod netns;
@@ -9,6 +10,7 @@ mod traffic;
 mod varlink;
 
 pub use daemon::{ctctl, ctctl_json, target_bin, Daemon, DaemonOpts, TempDir};
+pub use fs::{fill, Tmpfs};
 pub use max::ConntrackMax;
 pub use netns::{kernel_services, Netns};
 pub use traffic::{tcp_conns, udp_flows, udp_flows_from_one};
