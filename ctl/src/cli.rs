@@ -39,6 +39,8 @@ pub enum Command {
     Incident(IncidentArgs),
     /// Tuning advice from what this node saw, with a sysctl.d snippet; applies nothing.
     Advise(AdviseArgs),
+    /// DNS as conntrack sees it: who asks, who answers, who does not; insert races
+    Dns(DnsArgs),
     /// Writes the man page or a shell completion to stdout (for packaging).
     #[command(hide = true)]
     Generate {
@@ -69,6 +71,19 @@ pub struct IncidentsArgs {
     pub since: Option<String>,
     /// Show at most this many, newest first.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub limit: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// Start of the window: a duration back from now (5m, 2h) or a time.
+    #[arg(long, value_name = "DURATION|TIME", default_value = "5m")]
+    pub since: String,
+    /// End of the window, in the same forms [default: now].
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub until: Option<String>,
+    /// Rows per table.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub limit: u64,
 }
 

@@ -140,6 +140,23 @@ fn run(cli: &Cli) -> Result<()> {
         }
         _ => None,
     };
+    let dns_window = match &cli.command {
+        Command::Dns(a) => {
+            let now = unix_now();
+            let since = time::parse_when(&a.since, now).context("--since")?;
+            let until = a
+                .until
+                .as_deref()
+                .map(|u| time::parse_when(u, now))
+                .transpose()
+                .context("--until")?;
+            if until.unwrap_or(now) <= since {
+                anyhow::bail!("--until is not after --since: nothing to show");
+            }
+            Some((since.max(0), until))
+        }
+        _ => None,
+    };
     let incidents_since = match &cli.command {
         Command::Incidents(a) => a
             .since
@@ -254,6 +271,20 @@ fn run(cli: &Cli) -> Result<()> {
                 emit_json(&r)
             } else {
                 emit(&render::advice(&r))
+            }
+        }
+        Command::Dns(a) => {
+            let (since, until) = dns_window.expect("parsed above");
+            let v = client.call(
+                "io.ctwatch.Dns",
+                params(json!({ "since": since, "until": until, "limit": a.limit })),
+            )?;
+            let r: ctwatch_proto::DnsReply =
+                serde_json::from_value(v["dns"].clone()).context("unexpected Dns reply")?;
+            if cli.json {
+                emit_json(&r)
+            } else {
+                emit(&render::dns(&r))
             }
         }
         Command::Incident(a) => {

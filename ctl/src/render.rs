@@ -566,3 +566,120 @@ pub fn advice(a: &ctwatch_proto::AdviceReply) -> String {
     out.push_str("\n(nothing was changed: ctctl advise only advises)\n");
     out
 }
+
+fn pct1(p: f64) -> String {
+    format!("{p:.1}%")
+}
+
+pub fn dns(r: &ctwatch_proto::DnsReply) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} {}",
+        if r.healthy { "ok:" } else { "PROBLEM:" },
+        r.verdict
+    );
+    let _ = writeln!(
+        out,
+        "{} queries, {:.1}/s, {} unanswered, from {} to {}",
+        r.queries,
+        r.queries_per_sec,
+        pct1(r.unreplied_pct),
+        r.since,
+        r.until
+    );
+    if !r.servers.is_empty() {
+        out.push_str("\nservers\n");
+        let mut t = Table::new(&[
+            ("PROTO", false),
+            ("SERVER", false),
+            ("BACKENDS", true),
+            ("QUERIES", true),
+            ("PER SEC", true),
+            ("UNANSWERED", true),
+            ("LIVE", true),
+        ]);
+        for s in &r.servers {
+            t.row(vec![
+                s.proto.clone(),
+                ctwatch_proto::host_port(&s.dst, s.dport),
+                s.backends.to_string(),
+                s.queries.to_string(),
+                format!("{:.1}", s.queries_per_sec),
+                pct1(s.unreplied_pct),
+                s.live.to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    if !r.backends.is_empty() {
+        out.push_str("\nbackends\n");
+        let mut t = Table::new(&[
+            ("SERVER", false),
+            ("BACKEND", false),
+            ("QUERIES", true),
+            ("ANSWERED", true),
+            ("NEVER", true),
+            ("UNANSWERED", true),
+            ("LIVE", true),
+        ]);
+        for b in &r.backends {
+            t.row(vec![
+                format!("{} {}", b.proto, ctwatch_proto::host_port(&b.dst, b.dport)),
+                ctwatch_proto::host_port(&b.backend, b.backend_port),
+                b.queries.to_string(),
+                b.answered.to_string(),
+                b.unanswered.to_string(),
+                pct1(b.unreplied_pct),
+                b.live.to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    if !r.clients.is_empty() {
+        out.push_str("\nclients (the top churners first)\n");
+        let mut t = Table::new(&[
+            ("CLIENT", false),
+            ("QUERIES", true),
+            ("PER SEC", true),
+            ("UNANSWERED", true),
+            ("LIVE", true),
+        ]);
+        for c in &r.clients {
+            t.row(vec![
+                c.src.clone(),
+                c.queries.to_string(),
+                format!("{:.1}", c.queries_per_sec),
+                pct1(c.unreplied_pct),
+                c.live.to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    let _ = writeln!(
+        out,
+        "\ninsert races: insert_failed {} (packets dropped), clash_resolve {} (resolved)",
+        r.race.insert_failed, r.race.clash_resolve
+    );
+    for i in &r.incidents {
+        let _ = writeln!(
+            out,
+            "incident {} {} from {}{}: {}",
+            i.id,
+            i.kind,
+            i.start,
+            i.end
+                .as_ref()
+                .map(|e| format!(" to {e}"))
+                .unwrap_or_else(|| " (open)".into()),
+            i.summary
+        );
+    }
+    if !r.advice.is_empty() {
+        out.push_str("\nadvice\n");
+        for a in &r.advice {
+            let _ = writeln!(out, "- {a}");
+        }
+    }
+    out
+}

@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let (mut ev, rcvbuf) = EventSocket::open(1 << 20)?;
+    let (mut ev, rcvbuf) = EventSocket::open(1 << 20, false)?;
     let mut req = RequestSocket::open()?;
     eprintln!("rcvbuf {rcvbuf}; stats {:?}", req.stats()?);
     let n = req.dump(|c| {

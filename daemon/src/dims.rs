@@ -10,6 +10,7 @@ use ctwatch_proto::{proto_name, Dimension, KeyField, QueryParams};
 
 use crate::conntrack::decode::AF_INET6;
 use crate::history::record::HistKey;
+use crate::stats::dns::DnsKey;
 use crate::stats::keys::{BackendKey, ClientKey, FlowKey, ServiceKey};
 
 /// A key of any dimension, every field spelled out; fields the dimension lacks are zero.
@@ -54,6 +55,16 @@ impl From<&FlowKey> for FlatKey {
     fn from(k: &FlowKey) -> Self {
         FlatKey {
             src: k.src,
+            ..FlatKey::from(&k.service)
+        }
+    }
+}
+
+impl From<&DnsKey> for FlatKey {
+    fn from(k: &DnsKey) -> Self {
+        FlatKey {
+            backend: k.backend,
+            backend_port: k.backend_port,
             ..FlatKey::from(&k.service)
         }
     }

@@ -17,6 +17,7 @@ pub mod advise;
 pub mod config;
 pub mod conntrack;
 pub mod dims;
+pub mod dnsview;
 pub mod fold;
 pub mod history;
 pub mod incidents;
@@ -182,6 +183,7 @@ pub async fn run(
             heavy: Arc::new(tokio::sync::Semaphore::new(config.server.heavy_requests)),
             request_timeout: config.server.request_timeout,
             advise: advise::Cache::default(),
+            dns: config.reader.dns,
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");

@@ -490,7 +490,7 @@ impl Store {
     pub fn delete_bucket(&self, tier: Tier, t: u64) -> Result<u64, StoreError> {
         let tree = self.tree(tier);
         let mut batch = sled::Batch::default();
-        for dim in (0u8..4).chain([crate::history::record::TABLE_DIM]) {
+        for dim in crate::history::record::BUCKET_BLOBS {
             remove_chunks(tree, &mut batch, &key(dim, t))?;
         }
         let bytes = self.bucket_size(tier, t)?;
@@ -514,7 +514,7 @@ impl Store {
         for kv in self.sizes.range(size_key(tier, 0)..size_key(tier, t)) {
             let (k, v) = kv.map_err(io("read"))?;
             let b = u64::from_be_bytes(k[1..9].try_into().expect("9-byte key"));
-            for dim in (0u8..4).chain([crate::history::record::TABLE_DIM]) {
+            for dim in crate::history::record::BUCKET_BLOBS {
                 remove_chunks(tree, &mut batch, &key(dim, b))?;
             }
             bytes += v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);

@@ -44,6 +44,8 @@ pub const MAX_SERVICES: Bound = b("limits.max_services", 16_384, 1, 1 << 20);
 pub const MAX_CLIENTS: Bound = b("limits.max_clients", 65_536, 1, 1 << 20);
 pub const MAX_FLOWS: Bound = b("limits.max_flows", 131_072, 1, 1 << 22);
 pub const MAX_BACKENDS: Bound = b("limits.max_backends", 16_384, 1, 1 << 20);
+pub const MAX_DNS_SERVERS: Bound = b("limits.max_dns_servers", 4096, 1, 1 << 16);
+pub const MAX_DNS_CLIENTS: Bound = b("limits.max_dns_clients", 16_384, 1, 1 << 20);
 pub const MAX_CONNECTIONS: Bound = b("limits.max_connections", 64, 2, 1024);
 pub const RESERVED_ROOT: Bound = b("limits.reserved_root_connections", 4, 0, 1023);
 pub const PER_USER: Bound = b("limits.connections_per_user", 16, 1, 1024);
@@ -72,6 +74,8 @@ pub const BOUNDS: &[Bound] = &[
     MAX_CLIENTS,
     MAX_FLOWS,
     MAX_BACKENDS,
+    MAX_DNS_SERVERS,
+    MAX_DNS_CLIENTS,
     MAX_CONNECTIONS,
     RESERVED_ROOT,
     PER_USER,
@@ -108,6 +112,14 @@ struct FileConfig {
     history: HistorySection,
     #[serde(default)]
     incidents: IncidentsSection,
+    #[serde(default)]
+    dns: DnsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsSection {
+    enabled: S<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +139,8 @@ struct LimitsSection {
     max_clients: S<u64>,
     max_flows: S<u64>,
     max_backends: S<u64>,
+    max_dns_servers: S<u64>,
+    max_dns_clients: S<u64>,
     max_connections: S<u64>,
     reserved_root_connections: S<u64>,
     connections_per_user: S<u64>,
@@ -185,6 +199,8 @@ pub struct Settings {
     pub max_clients: u64,
     pub max_flows: u64,
     pub max_backends: u64,
+    pub max_dns_servers: u64,
+    pub max_dns_clients: u64,
     pub max_connections: u64,
     pub reserved_root: u64,
     pub per_user: u64,
@@ -206,6 +222,8 @@ pub struct Settings {
     pub incident_retention_secs: u64,
     pub kmsg: bool,
     pub kmsg_path: PathBuf,
+    /// Follow DNS queries' replies (the UPDATE events of DNS entries).
+    pub dns: bool,
 }
 
 pub const DEFAULT_THRESHOLDS: [f64; 3] = [80.0, 90.0, 95.0];
@@ -352,6 +370,8 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         max_clients: c.int(MAX_CLIENTS, &l.max_clients)?,
         max_flows: c.int(MAX_FLOWS, &l.max_flows)?,
         max_backends: c.int(MAX_BACKENDS, &l.max_backends)?,
+        max_dns_servers: c.int(MAX_DNS_SERVERS, &l.max_dns_servers)?,
+        max_dns_clients: c.int(MAX_DNS_CLIENTS, &l.max_dns_clients)?,
         max_connections,
         reserved_root,
         per_user: c.int(PER_USER, &l.connections_per_user)?,
@@ -375,6 +395,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         kmsg: i.kmsg.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
         kmsg_path: nonempty(&i.kmsg_path, "incidents.kmsg_path")?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_KMSG_PATH)),
+        dns: f.dns.enabled.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
     })
 }
 

@@ -3,9 +3,9 @@
 //! parameter no method knows is refused by name.
 
 use ctwatch_proto::{
-    parse_proto, Cidr, Dimension, IncidentsParams, QueryParams, TopParams, DEFAULT_HEADROOM_PCT,
-    DEFAULT_INCIDENTS_PAGE, DEFAULT_QUERY_TOP, DEFAULT_TOP_LIMIT, MAX_INCIDENTS_PAGE, MAX_POINTS,
-    MAX_QUERY_CELLS, MAX_TOP_LIMIT,
+    parse_proto, Cidr, Dimension, DnsParams, IncidentsParams, QueryParams, TopParams,
+    DEFAULT_DNS_ROWS, DEFAULT_HEADROOM_PCT, DEFAULT_INCIDENTS_PAGE, DEFAULT_QUERY_TOP,
+    DEFAULT_TOP_LIMIT, MAX_INCIDENTS_PAGE, MAX_POINTS, MAX_QUERY_CELLS, MAX_TOP_LIMIT,
 };
 use serde_json::{Map, Value};
 
@@ -204,6 +204,24 @@ pub fn incident(p: &mut Params) -> Result<u64, ParamError> {
         .ok_or_else(|| invalid("id"))?;
     p.check_unknown()?;
     Ok(id)
+}
+
+/// Dns: a window (default: the last five minutes, up to now) and rows per list.
+pub fn dns(p: &mut Params, now: u64) -> Result<DnsParams, ParamError> {
+    let until = p.opt_uint("until", u64::MAX / 2)?.unwrap_or(now + 1);
+    let since = p
+        .opt_uint("since", u64::MAX / 2)?
+        .unwrap_or(until.saturating_sub(300));
+    if until <= since {
+        return Err(invalid("until"));
+    }
+    let limit = p.count("limit", DEFAULT_DNS_ROWS, MAX_TOP_LIMIT)?;
+    p.check_unknown()?;
+    Ok(DnsParams {
+        since,
+        until,
+        limit,
+    })
 }
 
 /// Advise: (headroom in percent, the slab object size the caller could read).

@@ -96,6 +96,139 @@ pub struct StatusReply {
     pub max_memory_bytes: Option<u64>,
     #[serde(default)]
     pub health: HealthStatus,
+    #[serde(default)]
+    pub dns: DnsStatus,
+}
+
+/// DNS queries since start (see `ctctl dns` for a window).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsStatus {
+    /// Replies followed (`[dns] enabled`).
+    pub enabled: bool,
+    pub queries: u64,
+    /// Answered within a second; not answered by then; answered later than that.
+    pub answered: u64,
+    pub unanswered: u64,
+    pub late_answered: u64,
+    /// UPDATE events received (the kernel filters them to DNS entries).
+    pub updates: u64,
+    /// Queries younger than a second, waiting for their outcome.
+    pub pending: u64,
+    /// DNS entries live now.
+    pub live: u64,
+}
+
+/// Parameters of `io.ctwatch.Dns`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DnsParams {
+    pub since: u64,
+    pub until: u64,
+    /// Rows per list.
+    pub limit: usize,
+}
+
+/// Rows per list of `io.ctwatch.Dns` by default.
+pub const DEFAULT_DNS_ROWS: usize = 50;
+
+/// A DNS server and one backend behind it (itself where no DNAT applies), over the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsBackend {
+    pub proto: String,
+    pub family: String,
+    /// The server, as clients address it.
+    pub dst: String,
+    pub dport: u16,
+    /// The backend that answers for it.
+    pub backend: String,
+    pub backend_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<u16>,
+    /// Queries (new entries) in the window, and per second.
+    pub queries: u64,
+    pub queries_per_sec: f64,
+    /// Of the queries a second old or more: answered, never answered.
+    pub answered: u64,
+    pub unanswered: u64,
+    /// The share of those never answered, in percent.
+    pub unreplied_pct: f64,
+    /// DNS entries live now.
+    pub live: u64,
+}
+
+/// A DNS server over the window, all its backends together.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsServer {
+    pub proto: String,
+    pub family: String,
+    pub dst: String,
+    pub dport: u16,
+    pub backends: u64,
+    pub queries: u64,
+    pub queries_per_sec: f64,
+    pub answered: u64,
+    pub unanswered: u64,
+    pub unreplied_pct: f64,
+    pub live: u64,
+}
+
+/// A client of DNS over the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsClient {
+    pub family: String,
+    pub src: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<u16>,
+    pub queries: u64,
+    pub queries_per_sec: f64,
+    pub answered: u64,
+    pub unanswered: u64,
+    pub unreplied_pct: f64,
+    pub live: u64,
+}
+
+/// The kernel's insert-race counters over the window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsRace {
+    /// Packets dropped because their entry lost the insert race (the page-worthy one).
+    pub insert_failed: u64,
+    /// Races the kernel resolved without a drop (Linux 5.x and later).
+    pub clash_resolve: u64,
+}
+
+/// An incident, briefly.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IncidentRef {
+    pub id: u64,
+    pub kind: String,
+    pub start: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    pub summary: String,
+}
+
+/// `io.ctwatch.Dns`: everything about DNS over a window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsReply {
+    pub since: String,
+    pub until: String,
+    pub window_secs: u64,
+    /// One line: what is wrong, or that all is well.
+    pub verdict: String,
+    pub healthy: bool,
+    /// What to do, where it applies.
+    pub advice: Vec<String>,
+    pub queries: u64,
+    pub queries_per_sec: f64,
+    pub unreplied_pct: f64,
+    pub servers: Vec<DnsServer>,
+    pub backends: Vec<DnsBackend>,
+    /// The top churners first.
+    pub clients: Vec<DnsClient>,
+    pub race: DnsRace,
+    /// Insert-race incidents in the window.
+    pub incidents: Vec<IncidentRef>,
+    /// Whether replies are followed at all (`[dns] enabled`); without, no outcome is known.
+    pub replies_followed: bool,
 }
 
 /// The kernel log watcher.
@@ -147,14 +280,21 @@ pub enum Dimension {
     Flow,
     /// reply-direction source address and port of DNAT'd entries: the pod behind a VIP.
     Backend,
+    /// DNS entries (UDP and TCP port 53, and ports DNAT'd to 53) by server (destination address
+    /// and port) and the backend behind it (itself where no DNAT applies).
+    Dns,
+    /// DNS entries by client (source address).
+    DnsClient,
 }
 
 impl Dimension {
-    pub const ALL: [Dimension; 4] = [
+    pub const ALL: [Dimension; 6] = [
         Dimension::Service,
         Dimension::Client,
         Dimension::Flow,
         Dimension::Backend,
+        Dimension::Dns,
+        Dimension::DnsClient,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +303,8 @@ impl Dimension {
             Dimension::Client => "client",
             Dimension::Flow => "flow",
             Dimension::Backend => "backend",
+            Dimension::Dns => "dns",
+            Dimension::DnsClient => "dns_client",
         }
     }
 }
@@ -204,6 +346,8 @@ impl Dimension {
             Dimension::Client => &[Src],
             Dimension::Flow => &[Proto, Src, Dst, Dport],
             Dimension::Backend => &[Proto, Backend, BackendPort],
+            Dimension::Dns => &[Proto, Dst, Dport, Backend, BackendPort],
+            Dimension::DnsClient => &[Src],
         }
     }
 
@@ -239,7 +383,11 @@ impl FromStr for Dimension {
         Dimension::ALL
             .into_iter()
             .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown key {s:?}: expected service, client, flow or backend"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown key {s:?}: expected service, client, flow, backend, dns or dns_client"
+                )
+            })
     }
 }
 
@@ -509,6 +657,10 @@ pub struct IncidentsReply {
 pub const DEFAULT_INCIDENTS_PAGE: usize = 100;
 pub const MAX_INCIDENTS_PAGE: usize = 1000;
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// One point of a time series.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Point {
@@ -557,6 +709,14 @@ pub struct QueryRow {
     pub packets: u64,
     /// Lifetimes of destroyed entries: <1s, <10s, <1m, <5m, <30m, <2h, <1d, longer.
     pub lifetime: Vec<u64>,
+    /// DNS keys only: queries answered within a second, not answered by then, and answered
+    /// later than that.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub answered: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unanswered: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub late_answered: u64,
     /// Set on the row that folds keys beyond the per-bucket cap, with how many keys it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other: Option<bool>,

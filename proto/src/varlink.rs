@@ -124,7 +124,15 @@ mod tests {
     fn idl_scanner_finds_methods() {
         assert_eq!(
             idl_methods(INTERFACE_DESCRIPTION),
-            vec!["Status", "Top", "Query", "Incidents", "Incident", "Advise"]
+            vec![
+                "Status",
+                "Top",
+                "Query",
+                "Incidents",
+                "Incident",
+                "Advise",
+                "Dns"
+            ]
         );
         assert_eq!(
             idl_methods(SERVICE_DESCRIPTION),

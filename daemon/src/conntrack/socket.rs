@@ -30,6 +30,103 @@ use ctwatch_proto::KernelCounters;
 
 /// NFNLGRP_CONNTRACK_NEW (1) and NFNLGRP_CONNTRACK_DESTROY (3), as a bind-time bitmask.
 const GROUPS_NEW_DESTROY: u32 = (1 << 0) | (1 << 2);
+/// NFNLGRP_CONNTRACK_UPDATE (2): joined only with the DNS filter attached.
+const GROUP_UPDATE: u32 = 1 << 1;
+
+/// A classic BPF program for the event socket: NEW and DESTROY messages pass whole; of the
+/// UPDATE messages (every state change of every entry, once the socket is in the UPDATE
+/// group), only those of DNS entries — original destination port 53, or a reply from port 53
+/// (a port DNAT'd to 53) — so the first reply of each DNS query reaches the daemon and nothing
+/// else does. The kernel's netlink attribute helpers (SKF_AD_NLATTR, SKF_AD_NLATTR_NEST) walk
+/// the nested tuple attributes.
+pub fn dns_update_filter() -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_B, BPF_H, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD,
+        BPF_LDX, BPF_MISC, BPF_RET, BPF_TAX, BPF_W, SKF_AD_NLATTR, SKF_AD_NLATTR_NEST, SKF_AD_OFF,
+    };
+    let _ = BPF_B;
+    // Netlink header fields are host-endian; BPF half-word loads are big-endian.
+    let host16 = |v: u16| u16::from_be_bytes(v.to_ne_bytes()) as u32;
+    let msg_delete = host16((1 << 8) | decode::IPCTNL_MSG_CT_DELETE as u16);
+    let flag_create = host16(decode::NLM_F_CREATE);
+    let nlattr = (SKF_AD_OFF + SKF_AD_NLATTR) as u32;
+    let nest = (SKF_AD_OFF + SKF_AD_NLATTR_NEST) as u32;
+    let attrs = (decode::NLMSG_HDRLEN + decode::NFGENMSG_LEN) as u32;
+    let st = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jmp = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    // Instruction indices, for the jumps: ACCEPT = 30, REJECT = 31, REPLY = 17.
+    vec![
+        /* 0 */ st(BPF_LD | BPF_H | BPF_ABS, 4),
+        /* 1 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, msg_delete, 28, 0),
+        /* 2 */ st(BPF_LD | BPF_H | BPF_ABS, 6),
+        /* 3 */ jmp(BPF_JMP | BPF_JSET | BPF_K, flag_create, 26, 0),
+        // The original tuple's destination port.
+        /* 4 */
+        st(BPF_LD | BPF_IMM, attrs),
+        /* 5 */ st(BPF_LDX | BPF_IMM, 1), // CTA_TUPLE_ORIG
+        /* 6 */ st(BPF_LD | BPF_W | BPF_ABS, nlattr),
+        /* 7 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 9, 0),
+        /* 8 */ st(BPF_LDX | BPF_IMM, 2), // CTA_TUPLE_PROTO
+        /* 9 */ st(BPF_LD | BPF_W | BPF_ABS, nest),
+        /* 10 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 6, 0),
+        /* 11 */ st(BPF_LDX | BPF_IMM, 3), // CTA_PROTO_DST_PORT
+        /* 12 */ st(BPF_LD | BPF_W | BPF_ABS, nest),
+        /* 13 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 3, 0),
+        /* 14 */ st(BPF_MISC | BPF_TAX, 0),
+        /* 15 */ st(BPF_LD | BPF_H | BPF_IND, 4),
+        /* 16 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 53, 13, 0),
+        // REPLY: the reply tuple's source port.
+        /* 17 */
+        st(BPF_LD | BPF_IMM, attrs),
+        /* 18 */ st(BPF_LDX | BPF_IMM, 2), // CTA_TUPLE_REPLY
+        /* 19 */ st(BPF_LD | BPF_W | BPF_ABS, nlattr),
+        /* 20 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 10, 0),
+        /* 21 */ st(BPF_LDX | BPF_IMM, 2), // CTA_TUPLE_PROTO
+        /* 22 */ st(BPF_LD | BPF_W | BPF_ABS, nest),
+        /* 23 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 7, 0),
+        /* 24 */ st(BPF_LDX | BPF_IMM, 2), // CTA_PROTO_SRC_PORT
+        /* 25 */ st(BPF_LD | BPF_W | BPF_ABS, nest),
+        /* 26 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 0, 4, 0),
+        /* 27 */ st(BPF_MISC | BPF_TAX, 0),
+        /* 28 */ st(BPF_LD | BPF_H | BPF_IND, 4),
+        /* 29 */ jmp(BPF_JMP | BPF_JEQ | BPF_K, 53, 0, 1),
+        /* 30 ACCEPT */ st(BPF_RET | BPF_K, 0x7fff_ffff),
+        /* 31 REJECT */ st(BPF_RET | BPF_K, 0),
+    ]
+}
+
+/// Attaches a classic BPF program to a socket.
+fn attach_filter(fd: RawFd, prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fprog points at `prog`, live for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &fprog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
 
 const SO_MEMINFO: libc::c_int = 55;
 const SK_MEMINFO_VARS: usize = 9;
@@ -180,21 +277,32 @@ pub struct EventSocket {
 
 impl EventSocket {
     /// Opens, sizes and subscribes the event socket. Subscription happens here, so anything
-    /// created after this call emits an event we will read.
-    pub fn open(rcvbuf: usize) -> Result<(Self, usize), NetlinkError> {
+    /// created after this call emits an event we will read. `dns`: also the UPDATE events of
+    /// DNS entries (their first reply), through `dns_update_filter`, attached before the
+    /// socket joins the UPDATE group so that no other update is ever queued.
+    pub fn open(rcvbuf: usize, dns: bool) -> Result<(Self, usize), NetlinkError> {
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
         let got = set_rcvbuf(sock.as_raw_fd(), rcvbuf).map_err(|source| NetlinkError::Io {
             what: "setting the receive buffer",
             source,
         })?;
-        sock.bind(&SocketAddr::new(0, GROUPS_NEW_DESTROY))
-            .map_err(|e| {
-                if is_eperm(&e) {
-                    NetlinkError::PermissionDenied
-                } else {
-                    NetlinkError::Subscribe(e)
+        let mut groups = GROUPS_NEW_DESTROY;
+        if dns {
+            attach_filter(sock.as_raw_fd(), &dns_update_filter()).map_err(|source| {
+                NetlinkError::Io {
+                    what: "attaching the DNS update filter",
+                    source,
                 }
             })?;
+            groups |= GROUP_UPDATE;
+        }
+        sock.bind(&SocketAddr::new(0, groups)).map_err(|e| {
+            if is_eperm(&e) {
+                NetlinkError::PermissionDenied
+            } else {
+                NetlinkError::Subscribe(e)
+            }
+        })?;
         connect_to_kernel(&sock)?;
         sock.set_non_blocking(true)
             .map_err(|source| NetlinkError::Io {

@@ -16,7 +16,7 @@ use ctwatch_proto::{
     Dimension, HistoryStatus, Peak, Point, QueryParams, QueryReply, QueryRow, UsageMinute,
 };
 
-use super::record::{self, dim_byte, Counts, HistKey, TABLE_DIM};
+use super::record::{self, dim_byte, Counts, HistKey, TableCounts, TABLE_DIM};
 use super::writer::HistoryHandle;
 use crate::dims::FlatKey;
 use crate::store::{Store, StoreError, Tier};
@@ -63,6 +63,9 @@ fn row_of(by: Dimension, k: &HistKey, c: &Counts) -> QueryRow {
         bytes: c.bytes,
         packets: c.packets,
         lifetime: c.lifetime.to_vec(),
+        answered: c.answered,
+        unanswered: c.unanswered,
+        late_answered: c.late_answered,
         ..Default::default()
     };
     if k.other {
@@ -152,6 +155,102 @@ fn for_each_bucket(
     Ok(corrupt)
 }
 
+/// Pass 1 of a query: totals per key over a range, bounded in keys.
+pub struct Totals {
+    pub keys: HashMap<HistKey, Counts>,
+    /// The stored (other) rows over time, and the keys past `MAX_QUERY_KEYS` (whose live
+    /// counts cannot be told apart over time, so they add none).
+    pub other: Counts,
+    pub any_other: bool,
+    pub truncated: bool,
+    pub corrupt: u64,
+    pub resolution_secs: u64,
+}
+
+/// Totals per key of one dimension over `[since, until)`, from the store (the tier a range
+/// starting at `since` is kept in) and the open bucket, keys passing `keep`.
+#[allow(clippy::too_many_arguments)] // a range, its dimension, its sources and a filter
+pub fn totals(
+    h: Option<&HistoryHandle>,
+    by: Dimension,
+    since: u64,
+    until: u64,
+    now: u64,
+    open: Option<&OpenBucket>,
+    deadline: Instant,
+    keep: impl Fn(&HistKey) -> bool,
+) -> Result<Totals, QueryError> {
+    let (tier, res) = match h {
+        Some(h) => tier_for(h, since, now),
+        None => (Tier::Fine, 1),
+    };
+    let store = h.and_then(|h| h.store());
+    let t0 = since - since % res;
+    let mut t = Totals {
+        keys: HashMap::new(),
+        other: Counts::default(),
+        any_other: false,
+        truncated: false,
+        corrupt: 0,
+        resolution_secs: res,
+    };
+    let mut stored_other = Counts::default();
+    let mut overflow = Counts::default();
+    t.corrupt = for_each_bucket(
+        store.as_ref(),
+        tier,
+        res,
+        dim_byte(by),
+        t0,
+        until,
+        open,
+        deadline,
+        |_, recs| {
+            for (k, c) in recs {
+                if !keep(k) {
+                    continue;
+                }
+                if k.other {
+                    stored_other.absorb_later(c);
+                    t.any_other = true;
+                } else if let Some(x) = t.keys.get_mut(k) {
+                    x.absorb_later(c);
+                } else if t.keys.len() < MAX_QUERY_KEYS {
+                    t.keys.insert(*k, *c);
+                } else {
+                    overflow.absorb_parallel(&Counts {
+                        keys: 1,
+                        live_end: 0,
+                        ..*c
+                    });
+                    t.any_other = true;
+                    t.truncated = true;
+                }
+            }
+        },
+    )?;
+    t.other = stored_other;
+    t.other.absorb_parallel(&overflow);
+    Ok(t)
+}
+
+/// The table's own figures summed over `[since, until)` of fine buckets.
+pub fn table_totals(h: &HistoryHandle, since: u64, until: u64) -> TableCounts {
+    let mut t = TableCounts::default();
+    if let Some(store) = h.store() {
+        let res = h.cfg.bucket_secs;
+        for (_, blob) in store
+            .range_iter(Tier::Fine, TABLE_DIM, since - since % res, until)
+            .flatten()
+        {
+            if let Ok(tc) = record::decode_table(&blob) {
+                t.absorb_later(&tc);
+            }
+        }
+    }
+    t
+}
+
 pub fn query(
     h: &HistoryHandle,
     p: &QueryParams,
@@ -174,52 +273,22 @@ pub fn query(
     // Buckets that overlap [since, until).
     let t0 = p.since - p.since % res;
     // Pass 1: totals per key, bounded in keys.
-    let mut totals: HashMap<HistKey, Counts> = HashMap::new();
-    // The stored (other) rows over time; keys past MAX_QUERY_KEYS (their live counts cannot be
-    // told apart over time, so they add none).
-    let mut stored_other = Counts::default();
-    let mut overflow = Counts::default();
-    let mut any_other = false;
-    let mut truncated = false;
-    let corrupt = for_each_bucket(
-        store.as_ref(),
-        tier,
-        res,
-        dim,
-        t0,
+    let t = totals(
+        Some(h),
+        p.by,
+        p.since,
         p.until,
+        now,
         open.as_ref(),
         deadline,
-        |_, recs| {
-            for (k, c) in recs {
-                if !matches(p, k) {
-                    continue;
-                }
-                if k.other {
-                    stored_other.absorb_later(c);
-                    any_other = true;
-                } else if let Some(t) = totals.get_mut(k) {
-                    t.absorb_later(c);
-                } else if totals.len() < MAX_QUERY_KEYS {
-                    totals.insert(*k, *c);
-                } else {
-                    overflow.absorb_parallel(&Counts {
-                        keys: 1,
-                        live_end: 0,
-                        ..*c
-                    });
-                    any_other = true;
-                    truncated = true;
-                }
-            }
-        },
+        |k| matches(p, k),
     )?;
-    reply.corrupt_buckets = corrupt;
-    reply.keys_truncated = truncated.then_some(true);
-    let mut other = stored_other;
-    other.absorb_parallel(&overflow);
+    reply.corrupt_buckets = t.corrupt;
+    reply.keys_truncated = t.truncated.then_some(true);
+    let mut any_other = t.any_other;
+    let mut other = t.other;
     let ranked = crate::fold::top_n(
-        totals
+        t.keys
             .into_iter()
             .map(|(k, c)| (k, (c.live_max, c.new, c.destroyed), c)),
         p.top,

@@ -13,8 +13,10 @@ use ctwatch_proto::Dimension;
 const FORMAT: u8 = 2;
 /// The first release's format: fixed fields, no second port, no namespace.
 const FORMAT_1: u8 = 1;
-/// Count fields of format 1 (and the first ones of format 2).
+/// Count fields of format 1 (the first ones of format 2).
 const COUNT_FIELDS_1: usize = 9 + LIFETIME_BINS;
+/// Count fields written now: format 1's, then the DNS outcomes.
+const COUNT_FIELDS: usize = COUNT_FIELDS_1 + 3;
 const TABLE_FIELDS_1: usize = 12;
 
 /// Lifetime histogram bins (see `ctwatch_proto::LIFETIME_BOUNDS`).
@@ -74,6 +76,11 @@ pub struct Counts {
     /// Distinct keys folded into this row (the `(other)` row only; approximate).
     pub keys: u64,
     pub lifetime: [u64; LIFETIME_BINS],
+    /// DNS keys: queries answered within a second of being sent, not answered by then, and
+    /// answered after that (they were counted unanswered first).
+    pub answered: u64,
+    pub unanswered: u64,
+    pub late_answered: u64,
 }
 
 impl Counts {
@@ -94,6 +101,9 @@ impl Counts {
         self.bytes += o.bytes;
         self.packets += o.packets;
         self.keys += o.keys;
+        self.answered += o.answered;
+        self.unanswered += o.unanswered;
+        self.late_answered += o.late_answered;
         self.live_max = self.live_max.max(o.live_max);
         for (a, b) in self.lifetime.iter_mut().zip(o.lifetime.iter()) {
             *a += b;
@@ -207,8 +217,8 @@ fn addr_len(family: u8) -> usize {
 }
 
 impl Counts {
-    fn fields(&self) -> [u64; COUNT_FIELDS_1] {
-        let mut f = [0u64; COUNT_FIELDS_1];
+    fn fields(&self) -> [u64; COUNT_FIELDS] {
+        let mut f = [0u64; COUNT_FIELDS];
         f[..9].copy_from_slice(&[
             self.new,
             self.destroyed,
@@ -220,11 +230,12 @@ impl Counts {
             self.packets,
             self.keys,
         ]);
-        f[9..].copy_from_slice(&self.lifetime);
+        f[9..COUNT_FIELDS_1].copy_from_slice(&self.lifetime);
+        f[COUNT_FIELDS_1..].copy_from_slice(&[self.answered, self.unanswered, self.late_answered]);
         f
     }
 
-    fn from_fields(f: &[u64; COUNT_FIELDS_1]) -> Counts {
+    fn from_fields(f: &[u64; COUNT_FIELDS]) -> Counts {
         let mut c = Counts {
             new: f[0],
             destroyed: f[1],
@@ -236,8 +247,11 @@ impl Counts {
             packets: f[7],
             keys: f[8],
             lifetime: [0; LIFETIME_BINS],
+            answered: f[COUNT_FIELDS_1],
+            unanswered: f[COUNT_FIELDS_1 + 1],
+            late_answered: f[COUNT_FIELDS_1 + 2],
         };
-        c.lifetime.copy_from_slice(&f[9..]);
+        c.lifetime.copy_from_slice(&f[9..COUNT_FIELDS_1]);
         c
     }
 }
@@ -312,7 +326,7 @@ pub fn decode_keys(blob: &[u8]) -> Result<Vec<(HistKey, Counts)>, RecordError> {
         } else {
             COUNT_FIELDS_1
         };
-        let mut f = [0u64; COUNT_FIELDS_1];
+        let mut f = [0u64; COUNT_FIELDS];
         read_fields(&mut r, nfields, &mut f)?;
         out.push((
             HistKey {
@@ -375,9 +389,13 @@ pub fn dim_byte(d: Dimension) -> u8 {
         Dimension::Client => 1,
         Dimension::Flow => 2,
         Dimension::Backend => 3,
+        Dimension::Dns => 4,
+        Dimension::DnsClient => 5,
     }
 }
 pub const TABLE_DIM: u8 = 255;
+/// Every blob a bucket may have: its dimensions, then the table record.
+pub const BUCKET_BLOBS: [u8; 7] = [0, 1, 2, 3, 4, 5, TABLE_DIM];
 
 #[cfg(test)]
 mod tests {

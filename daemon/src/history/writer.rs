@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use super::record::{self, Counts, HistKey, TableCounts, TABLE_DIM};
 use crate::state::{StateDir, StateError};
 use crate::store::{Store, StoreError, Tier};
+use ctwatch_proto::Dimension;
 
 /// History settings, from the `[history]` section of the config.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// What the writer is sent.
 enum Msg {
-    Bucket(Bucket),
+    Bucket(Box<Bucket>),
     Incident(Box<ctwatch_proto::Incident>),
     /// Write what is queued, then stop.
     Stop,
@@ -67,7 +68,8 @@ enum Msg {
 /// A closed bucket, as the reader hands it over.
 pub struct Bucket {
     pub start: u64,
-    pub dims: [Vec<(HistKey, Counts)>; 4],
+    /// One list per dimension, in `Dimension::ALL` order.
+    pub dims: [Vec<(HistKey, Counts)>; 6],
     pub table: TableCounts,
 }
 
@@ -100,7 +102,7 @@ pub struct HistoryHandle {
 impl HistoryHandle {
     /// Hands a closed bucket to the writer without waiting. A full queue drops it.
     pub fn submit(&self, b: Bucket) {
-        match self.tx.try_send(Msg::Bucket(b)) {
+        match self.tx.try_send(Msg::Bucket(Box::new(b))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.lock().unwrap().dropped += 1;
@@ -244,7 +246,7 @@ impl Writer {
         }
         loop {
             match self.rx.recv() {
-                Ok(Msg::Bucket(b)) => self.handle(b),
+                Ok(Msg::Bucket(b)) => self.handle(*b),
                 Ok(Msg::Incident(i)) => self.incident(&i),
                 Ok(Msg::Stop) | Err(_) => break,
             }
@@ -400,7 +402,7 @@ impl Writer {
         let end = start + self.cfg.rollup_secs;
         let mut blobs = Vec::new();
         let mut corrupt = 0;
-        for dim in 0u8..4 {
+        for dim in 0u8..Dimension::ALL.len() as u8 {
             let mut merged: std::collections::BTreeMap<HistKey, Counts> = Default::default();
             for (_, blob) in store.range(Tier::Fine, dim, start, end)? {
                 let Ok(recs) = record::decode_keys(&blob) else {

@@ -46,6 +46,8 @@ pub struct ReaderConfig {
     /// that rates and the open bucket mean the same).
     pub bucket_secs: u64,
     pub keys_per_bucket: usize,
+    /// Follow DNS queries' first replies (UPDATE events, filtered to DNS entries in the kernel).
+    pub dns: bool,
 }
 
 pub const DEFAULT_RCVBUF: usize = 16 << 20;
@@ -158,6 +160,7 @@ impl Publisher {
         next.last_dump = meta.last_dump;
         next.dumping = meta.dumping;
         next.bucket_start = meta.bucket_start;
+        next.bucket_kernel0 = meta.bucket_kernel0;
         tracker.publish_into(&mut next);
         let old = self.out.swap(Arc::new(next));
         self.spare = Some(old);
@@ -224,13 +227,16 @@ impl Reader {
         history: Option<HistoryHandle>,
         kernel: Kernel,
     ) -> Result<(Reader, Handle), NetlinkError> {
-        let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf)?;
+        let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf, cfg.dns)?;
         let mut requests = RequestSocket::open()?;
         let stats = requests.stats()?;
         kernel.seed(stats);
         let control = Control::new()?;
         let published: Published = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let mut tracker = Tracker::new(cfg.caps, cfg.window_keys);
+        if !cfg.dns {
+            tracker = tracker.without_dns();
+        }
         tracker.reserve(stats.entries as usize);
         let now = unix_now();
         let mut reader = Reader {
@@ -357,7 +363,8 @@ impl Reader {
                 Ok(Some(c)) => match c.kind {
                     ConnKind::New => tracker.on_new(&c, now),
                     ConnKind::Destroy => tracker.on_destroy(&c, now),
-                    ConnKind::Update | ConnKind::Dump => {}
+                    ConnKind::Update => tracker.on_update(&c),
+                    ConnKind::Dump => {}
                 },
                 Ok(None) => {}
                 Err(_) => *errors += 1,
@@ -372,6 +379,8 @@ impl Reader {
             match self.events.recv_batch() {
                 Ok(Recv::Batch(n)) => {
                     let now = self.now_secs();
+                    self.tracker
+                        .set_now_ms(self.control.started.elapsed().as_millis() as u64);
                     let f = &mut self.meta.figures;
                     for i in 0..n {
                         match self.events.datagram(i) {
@@ -432,6 +441,7 @@ impl Reader {
         let f = &self.meta.figures;
         let c = self.tracker.counters;
         self.kernel.start_bucket(k.stats.entries);
+        self.meta.bucket_kernel0 = k.stats.counters;
         self.base = BucketBase {
             live_max: self.tracker.live(),
             kernel: k.stats.counters,
@@ -503,9 +513,12 @@ impl Reader {
         }
     }
 
-    /// Runs the timers: the drop counter, the snapshot, the bucket clock and the dumps.
+    /// Runs the timers: DNS queries' maturity, the drop counter, the snapshot, the bucket
+    /// clock and the dumps.
     fn timers(&mut self) {
         let now = Instant::now();
+        self.tracker
+            .set_now_ms(now.duration_since(self.control.started).as_millis() as u64);
         if now.duration_since(self.last_drops_check) >= DROPS_EVERY {
             self.last_drops_check = now;
             if let Ok(d) = self.events.drops() {

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ctwatch_parse::params::{self, ParamError, Params};
 use ctwatch_proto::{
-    errors, EventCounters, HealthStatus, IncidentsReply, KmsgStatus, Reply, Request, StatusReply,
-    Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION, SERVICE_DESCRIPTION, SERVICE_INTERFACE,
+    errors, DnsStatus, EventCounters, HealthStatus, IncidentsReply, KmsgStatus, Reply, Request,
+    StatusReply, Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION, SERVICE_DESCRIPTION,
+    SERVICE_INTERFACE,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -43,6 +44,8 @@ pub struct Ctx {
     pub heavy: Arc<Semaphore>,
     pub request_timeout: Duration,
     pub advise: crate::advise::Cache,
+    /// DNS replies are followed (`[dns] enabled`).
+    pub dns: bool,
 }
 
 /// Why a call failed.
@@ -122,6 +125,7 @@ enum Route {
     Incidents,
     Incident,
     Advise,
+    Dns,
 }
 
 impl Route {
@@ -134,6 +138,7 @@ impl Route {
         Route::Incidents,
         Route::Incident,
         Route::Advise,
+        Route::Dns,
     ];
 
     fn find(interface: &str, method: &str) -> Result<Route, ApiError> {
@@ -146,6 +151,7 @@ impl Route {
             (INTERFACE, "Incidents") => Ok(Route::Incidents),
             (INTERFACE, "Incident") => Ok(Route::Incident),
             (INTERFACE, "Advise") => Ok(Route::Advise),
+            (INTERFACE, "Dns") => Ok(Route::Dns),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => {
                 Err(ApiError::MethodNotFound(format!("{interface}.{method}")))
             }
@@ -275,6 +281,22 @@ fn status(ctx: &Ctx) -> StatusReply {
             kernel_age_ms: k.at.map(|t| t.elapsed().as_millis() as u64),
             dumping: snap.dumping.map(|d| d.as_str().to_string()),
         },
+        dns: DnsStatus {
+            enabled: ctx.dns,
+            queries: snap.dns.queries,
+            answered: snap.dns.answered,
+            unanswered: snap.dns.unanswered,
+            late_answered: snap.dns.late_answered,
+            updates: snap.dns.updates,
+            pending: snap.dns_pending,
+            live: snap
+                .dns_servers
+                .rows
+                .iter()
+                .map(|r| r.live as u64)
+                .sum::<u64>()
+                + snap.dns_servers.other_live,
+        },
     }
 }
 
@@ -369,6 +391,49 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                 ))),
                 None => Err(ApiError::NoSuchIncident(id)),
             }
+        }
+        Route::Dns => {
+            let now = unix_now();
+            let dp = params::dns(p, now)?;
+            let snap = ctx.reader.snapshot();
+            let kernel = ctx.kernel.view();
+            let h = ctx.history.clone();
+            let open = ctx.monitor.open.load_full();
+            let replies = ctx.dns;
+            heavy(ctx, deadline, move |deadline| {
+                // The insert-race incidents of the window: open ones, and the stored ones.
+                let mut incidents: Vec<ctwatch_proto::Incident> = open.to_vec();
+                if let Some(store) = h.as_ref().and_then(|h| h.store()) {
+                    let page = crate::incidents::page(
+                        &store,
+                        &open,
+                        &ctwatch_proto::IncidentsParams {
+                            since: dp.since.saturating_sub(86_400),
+                            before: None,
+                            limit: 200,
+                        },
+                    )
+                    .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+                    incidents = page.incidents;
+                }
+                match crate::dnsview::view(
+                    h.as_ref(),
+                    &snap,
+                    &kernel,
+                    &incidents,
+                    &dp,
+                    now,
+                    deadline,
+                    replies,
+                ) {
+                    Ok(r) => answer("dns", &r),
+                    Err(QueryError::Deadline) => Err(ApiError::Deadline(
+                        deadline.saturating_duration_since(Instant::now()),
+                    )),
+                    Err(QueryError::Store(e)) => Err(ApiError::StoreUnavailable(e.to_string())),
+                }
+            })
+            .await
         }
         Route::Advise => {
             let (headroom, object_size) = params::advise(p)?;

@@ -16,6 +16,7 @@ use std::collections::hash_map::Entry as Entry_;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
+use super::dns::{self, Dns, DnsKey};
 use super::keys::{BackendKey, ClientKey, FlowKey, ServiceKey};
 use super::snapshot::{bucket_rows, DimSnap, LiveRow, Snapshot};
 use super::table::{Table, OTHER};
@@ -32,6 +33,8 @@ pub struct Caps {
     pub clients: usize,
     pub flows: usize,
     pub backends: usize,
+    pub dns_servers: usize,
+    pub dns_clients: usize,
 }
 
 pub const DEFAULT_CAPS: Caps = Caps {
@@ -39,6 +42,8 @@ pub const DEFAULT_CAPS: Caps = Caps {
     clients: 65_536,
     flows: 131_072,
     backends: 16_384,
+    dns_servers: 4096,
+    dns_clients: 16_384,
 };
 
 /// Mirror keys are already uniformly distributed (the kernel's id is a siphash output, the
@@ -59,7 +64,8 @@ impl Hasher for IdentityHasher {
 
 const MARK: u32 = 1 << 31;
 const ORPHAN: u32 = 1 << 30;
-const BORN_MASK: u32 = (1 << 30) - 1;
+// Bits 29..27: a DNS query's outcome (`dns::bits`).
+const BORN_MASK: u32 = (1 << 27) - 1;
 
 /// One tracked entry.
 #[derive(Clone, Copy)]
@@ -67,7 +73,8 @@ struct Entry {
     flow: u32,
     /// Backend slot, or `NO_BACKEND` for entries that were not DNAT'd.
     backend: u32,
-    /// MARK: dump generation parity; ORPHAN: known only from a dump; low bits: birth second.
+    /// MARK: dump generation parity; ORPHAN: known only from a dump; `dns::bits`; low bits:
+    /// birth second.
     meta: u32,
 }
 
@@ -188,6 +195,11 @@ pub struct Tracker {
     mirror: HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>,
     keys: Keys,
     windows: Windows,
+    /// The DNS picture (`dns_on`: entries are classified at all).
+    pub dns: Dns,
+    dns_on: bool,
+    /// Monotonic milliseconds, as the reader last set them (DNS queries' maturity).
+    now_ms: u64,
     /// Seed for the check half of the mirror key (fixed per process).
     check: foldhash::fast::FixedState,
     /// Current dump generation's mark bit.
@@ -212,11 +224,34 @@ impl Tracker {
                 flow: Window::new(window_keys),
                 backend: Window::new(window_keys),
             },
+            dns: Dns::new(caps.dns_servers, caps.dns_clients, window_keys),
+            dns_on: true,
+            now_ms: 0,
             check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
             parity: 0,
             orphans: 0,
             counters: TrackerCounters::default(),
         }
+    }
+
+    /// Turns the DNS picture off (no entry is classified as DNS).
+    pub fn without_dns(mut self) -> Self {
+        self.dns_on = false;
+        self
+    }
+
+    /// The reader's clock, in monotonic milliseconds; settles the DNS queries whose second
+    /// is up.
+    pub fn set_now_ms(&mut self, ms: u64) {
+        self.now_ms = ms;
+        let mirror = &mut self.mirror;
+        self.dns.mature(ms, |k| {
+            mirror.get_mut(&k).map(|e| {
+                let m = e.meta;
+                e.meta |= dns::bits::SETTLED;
+                m
+            })
+        });
     }
 
     /// Makes room for `entries` in the mirror at once, sparing the growth steps (and the
@@ -259,15 +294,30 @@ impl Tracker {
             }
             Entry_::Vacant(v) => {
                 let (flow, backend) = self.keys.count(c, true);
+                let dns = match self.dns_on.then(|| DnsKey::of(c)).flatten() {
+                    Some(k) => self.dns.count(c, &k, key, self.now_ms, true),
+                    None => 0,
+                };
                 v.insert(Entry {
                     flow,
                     backend,
-                    meta: self.parity | (now_secs & BORN_MASK),
+                    meta: self.parity | dns | (now_secs & BORN_MASK),
                 });
                 touch(&self.keys, &mut self.windows, flow, backend, |a, live| {
                     a.new += 1;
                     a.live_max = a.live_max.max(live);
                 });
+            }
+        }
+    }
+
+    /// An UPDATE event (only DNS entries' reach the daemon): a DNS query's first reply.
+    pub fn on_update(&mut self, c: &Conn) {
+        let key = self.key(c.id, &c.orig);
+        if let Some(e) = self.mirror.get_mut(&key) {
+            if e.meta & dns::bits::DNS != 0 {
+                let bits = self.dns.on_update(key, c, e.meta & dns::bits::ALL);
+                e.meta = (e.meta & !dns::bits::ALL) | bits;
             }
         }
     }
@@ -314,6 +364,9 @@ impl Tracker {
                     },
                 );
                 self.keys.release(&e);
+                if e.meta & dns::bits::DNS != 0 {
+                    self.dns.on_destroy(key, c, e.meta & dns::bits::ALL);
+                }
             }
             None => self.counters.destroy_unknown += 1,
         }
@@ -321,10 +374,11 @@ impl Tracker {
 
     /// Closes the open history bucket: per dimension, the `keep` keys with the most live
     /// entries (then the most new ones), each with its activity and live count now, and one
-    /// `(other)` row folding the rest. Order: service, client, flow, backend.
-    pub fn close_bucket(&mut self, keep: usize) -> [Vec<(HistKey, Counts)>; 4] {
+    /// `(other)` row folding the rest. Order: `Dimension::ALL`'s.
+    pub fn close_bucket(&mut self, keep: usize) -> [Vec<(HistKey, Counts)>; 6] {
         let k = &self.keys;
         let w = &mut self.windows;
+        let d = &mut self.dns;
         [
             close_dim(&mut w.service, &k.services, keep, |s| {
                 Some(FlatKey::from(s).to_hist(Dimension::Service))
@@ -338,6 +392,12 @@ impl Tracker {
             close_dim(&mut w.backend, &k.backends, keep, |b| {
                 Some(FlatKey::from(b).to_hist(Dimension::Backend))
             }),
+            close_dim(&mut d.w_servers, &d.servers, keep, |s| {
+                Some(FlatKey::from(s).to_hist(Dimension::Dns))
+            }),
+            close_dim(&mut d.w_clients, &d.clients, keep, |c| {
+                Some(FlatKey::from(c).to_hist(Dimension::DnsClient))
+            }),
         ]
     }
 
@@ -350,6 +410,10 @@ impl Tracker {
         publish_dim(&self.keys.clients, &self.windows.client, &mut s.clients);
         publish_dim(&self.keys.flows, &self.windows.flow, &mut s.flows);
         publish_dim(&self.keys.backends, &self.windows.backend, &mut s.backends);
+        publish_dim(&self.dns.servers, &self.dns.w_servers, &mut s.dns_servers);
+        publish_dim(&self.dns.clients, &self.dns.w_clients, &mut s.dns_clients);
+        s.dns = self.dns.counters;
+        s.dns_pending = self.dns.pending() as u64;
         s.flow_client_other.clear();
         s.flow_client_other.extend(
             self.keys
@@ -386,10 +450,14 @@ impl Tracker {
             }
             Entry_::Vacant(v) => {
                 let (flow, backend) = self.keys.count(c, missed);
+                let dns = match self.dns_on.then(|| DnsKey::of(c)).flatten() {
+                    Some(k) => self.dns.count(c, &k, key, self.now_ms, false),
+                    None => 0,
+                };
                 v.insert(Entry {
                     flow,
                     backend,
-                    meta: self.parity | ORPHAN | (now_secs & BORN_MASK),
+                    meta: self.parity | ORPHAN | dns | (now_secs & BORN_MASK),
                 });
                 self.orphans += 1;
                 if missed {
@@ -419,9 +487,10 @@ impl Tracker {
     pub fn end_dump(&mut self) -> u64 {
         let parity = self.parity;
         let keys = &mut self.keys;
+        let dns = &mut self.dns;
         let mut swept = 0u64;
         let mut orphans_gone = 0u64;
-        self.mirror.retain(|_, e| {
+        self.mirror.retain(|k, e| {
             if e.meta & MARK == parity {
                 return true;
             }
@@ -430,6 +499,9 @@ impl Tracker {
                 orphans_gone += 1;
             }
             keys.release(e);
+            if e.meta & dns::bits::DNS != 0 {
+                dns.on_swept(*k);
+            }
             false
         });
         self.orphans -= orphans_gone;

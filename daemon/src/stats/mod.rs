@@ -2,6 +2,7 @@
 //! picture built from events and dumps (owned by the reader thread), and the snapshots of it
 //! that everyone else reads.
 
+pub mod dns;
 pub mod keys;
 pub mod live;
 pub mod snapshot;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use ctwatch_proto::{Dimension, TopEntry, TopParams, TopReply};
 
+use super::dns::{DnsCounters, DnsKey};
 use super::keys::{BackendKey, ClientKey, FlowKey, ServiceKey};
 use super::window::Act;
 use crate::dims::FlatKey;
@@ -132,14 +133,21 @@ pub struct Snapshot {
     pub last_dump: Option<DumpInfo>,
     /// A dump in progress (the picture is then between two states of the table).
     pub dumping: Option<DumpReason>,
-    /// Start of the open history bucket (Unix seconds).
+    /// Start of the open history bucket (Unix seconds), and the kernel's counters when it
+    /// opened (for the open bucket's share of a window's drops and races).
     pub bucket_start: u64,
+    pub bucket_kernel0: ctwatch_proto::KernelCounters,
     pub services: DimSnap<ServiceKey>,
     pub clients: DimSnap<ClientKey>,
     pub flows: DimSnap<FlowKey>,
     pub backends: DimSnap<BackendKey>,
+    pub dns_servers: DimSnap<DnsKey>,
+    pub dns_clients: DimSnap<ClientKey>,
     /// For each row of `flows`: whether its client was folded into `(other)`.
     pub flow_client_other: Vec<bool>,
+    /// DNS queries and their outcomes since start, and those waiting for theirs.
+    pub dns: DnsCounters,
+    pub dns_pending: u64,
 }
 
 impl Default for Snapshot {
@@ -154,11 +162,16 @@ impl Default for Snapshot {
             last_dump: None,
             dumping: None,
             bucket_start: 0,
+            bucket_kernel0: Default::default(),
             services: DimSnap::default(),
             clients: DimSnap::default(),
             flows: DimSnap::default(),
             backends: DimSnap::default(),
+            dns_servers: DimSnap::default(),
+            dns_clients: DimSnap::default(),
             flow_client_other: Vec::new(),
+            dns: DnsCounters::default(),
+            dns_pending: 0,
         }
     }
 }
@@ -189,6 +202,9 @@ fn counts_of(a: &Act) -> Counts {
         bytes: a.bytes,
         packets: a.packets,
         live_max: a.live_max as u64,
+        answered: a.answered as u64,
+        unanswered: a.unanswered as u64,
+        late_answered: a.late_answered as u64,
         ..Default::default()
     };
     for (d, s) in c.lifetime.iter_mut().zip(a.lifetime.iter()) {
@@ -342,6 +358,10 @@ impl Snapshot {
                 rows: self.backends.rows.clone(),
                 ..DimSnap::default()
             },
+            dns_servers: DimSnap {
+                rows: self.dns_servers.rows.clone(),
+                ..DimSnap::default()
+            },
             ..Snapshot::default()
         }
     }
@@ -436,6 +456,22 @@ impl Snapshot {
                     rest += self.backends.other_live;
                 }
             }
+            Dimension::Dns => {
+                for r in &self.dns_servers.rows {
+                    if proto_ok(r.key.service.proto) && port_ok(r.key.service.dport) {
+                        total += offer((&r.key).into(), r.live as u64);
+                    }
+                }
+                if unfiltered {
+                    rest += self.dns_servers.other_live;
+                }
+            }
+            Dimension::DnsClient => {
+                for r in &self.dns_clients.rows {
+                    total += offer((&r.key).into(), r.live as u64);
+                }
+                rest += self.dns_clients.other_live;
+            }
         }
         let kept = top.into_sorted();
         // What the shown rows leave out: keys beyond the limit and those folded past the cap.
@@ -482,6 +518,8 @@ impl Snapshot {
             Dimension::Client => rows(&self.clients, n),
             Dimension::Flow => rows(&self.flows, n),
             Dimension::Backend => rows(&self.backends, n),
+            Dimension::Dns => rows(&self.dns_servers, n),
+            Dimension::DnsClient => rows(&self.dns_clients, n),
         };
         picked
             .into_iter()
@@ -530,6 +568,8 @@ impl Snapshot {
             Dimension::Client => rows(&self.clients, &e.clients, n),
             Dimension::Flow => rows(&self.flows, &e.flows, n),
             Dimension::Backend => rows(&self.backends, &e.backends, n),
+            Dimension::Dns => rows(&self.dns_servers, &e.dns_servers, n),
+            Dimension::DnsClient => rows(&self.dns_clients, &e.dns_clients, n),
         };
         picked
             .into_iter()
@@ -557,6 +597,12 @@ impl Snapshot {
                 .open_bucket(keep, |k| (!k.folded).then(|| FlatKey::from(k).to_hist(by))),
             Dimension::Backend => self
                 .backends
+                .open_bucket(keep, |k| Some(FlatKey::from(k).to_hist(by))),
+            Dimension::Dns => self
+                .dns_servers
+                .open_bucket(keep, |k| Some(FlatKey::from(k).to_hist(by))),
+            Dimension::DnsClient => self
+                .dns_clients
                 .open_bucket(keep, |k| Some(FlatKey::from(k).to_hist(by))),
         }
     }

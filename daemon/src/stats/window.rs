@@ -18,6 +18,10 @@ pub struct Act {
     pub packets: u64,
     pub live_max: u32,
     pub lifetime: [u32; LIFETIME_BINS],
+    /// DNS keys: queries answered within a second, not by then, and later.
+    pub answered: u32,
+    pub unanswered: u32,
+    pub late_answered: u32,
 }
 
 /// HyperLogLog with 256 registers (about 6.5 % standard error), for counting folded keys.
@@ -98,6 +102,16 @@ impl<K: Hash + Eq + Copy> Window<K> {
         } else {
             self.other_keys.estimate()
         }
+    }
+
+    /// The activity record of `k`, or the `(other)` one when `folded` (the key itself was
+    /// folded past its table's cap) or the window is full.
+    #[inline]
+    pub fn act_or_other(&mut self, k: &K, folded: bool) -> &mut Act {
+        if folded {
+            return &mut self.other;
+        }
+        self.act(k)
     }
 
     /// Takes the bucket's activity and starts an empty one.

@@ -196,6 +196,7 @@ fn caps_fold_into_other_and_totals_stay_exact() {
         clients: 3,
         flows: 5,
         backends: 2,
+        ..DEFAULT_CAPS
     };
     let mut t = Tracker::new(caps, DEFAULT_WINDOW_KEYS);
     let mut all = Vec::new();
@@ -310,7 +311,7 @@ fn closing_a_bucket_keeps_the_heaviest_and_folds_the_rest() {
         }
         t.on_destroy(&d, 42);
     }
-    let [services, clients, flows, backends] = t.close_bucket(2);
+    let [services, clients, flows, backends, _, _] = t.close_bucket(2);
     let by_port: Vec<(u16, u64, u64, u64, u64)> = services
         .iter()
         .map(|(k, c)| (k.port, c.new, c.destroyed, c.live_max, c.live_end))
@@ -336,4 +337,92 @@ fn closing_a_bucket_keeps_the_heaviest_and_folds_the_rest() {
     let [services, ..] = t.close_bucket(10);
     assert_eq!(services.iter().map(|(_, c)| c.new).sum::<u64>(), 0);
     assert_eq!(services.iter().map(|(_, c)| c.live_end).sum::<u64>(), 10);
+}
+
+/// A DNS query to `dport`, from source port `sport`.
+fn dns_query(id: u32, sport: u16) -> Conn {
+    conn(id, 17, [10, 0, 0, 1], sport, [10, 96, 0, 10], 53)
+}
+
+#[test]
+fn dns_queries_settle_a_second_after_they_were_sent() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    t.set_now_ms(10_000);
+    let answered = dns_query(1, 1001);
+    let silent = dns_query(2, 1002);
+    let late = dns_query(3, 1003);
+    let short = dns_query(4, 1004);
+    for c in [&answered, &silent, &late, &short] {
+        t.on_new(c, 10);
+    }
+    // Not DNS: not counted.
+    t.on_new(&conn(9, 17, [10, 0, 0, 1], 2000, [10, 0, 0, 2], 5353), 10);
+    let mut reply = answered;
+    reply.kind = ConnKind::Update;
+    reply.status |= status::SEEN_REPLY;
+    t.on_update(&reply);
+    // One ends before its second is up, unanswered.
+    let mut end = short;
+    end.kind = ConnKind::Destroy;
+    t.on_destroy(&end, 10);
+    t.set_now_ms(10_999);
+    assert_eq!((t.dns.counters.answered, t.dns.counters.unanswered), (0, 1));
+    t.set_now_ms(11_000);
+    let c = t.dns.counters;
+    assert_eq!((c.queries, c.answered, c.unanswered), (4, 1, 3));
+    // An answer after the second: late, once.
+    let mut r = late;
+    r.kind = ConnKind::Update;
+    r.status |= status::SEEN_REPLY;
+    t.on_update(&r);
+    t.on_update(&r);
+    assert_eq!(t.dns.counters.late_answered, 1);
+    assert_eq!(t.dns.counters.updates, 3);
+    // The open bucket: per server (10.96.0.10:53, no DNAT: its own backend).
+    let [.., servers, clients] = t.close_bucket(10);
+    let (k, c) = &servers[0];
+    assert_eq!(
+        (k.port, k.port2, k.b[..4].to_vec()),
+        (53, 53, vec![10, 96, 0, 10])
+    );
+    assert_eq!(
+        (c.new, c.answered, c.unanswered, c.late_answered),
+        (4, 1, 3, 1)
+    );
+    assert_eq!(clients[0].1.new, 4);
+    assert_eq!(t.dns.live(), 3, "the short one ended");
+}
+
+#[test]
+fn a_port_dnated_to_53_is_dns_and_its_backend_is_kept() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    let mut c = conn(1, 17, [10, 0, 0, 1], 1000, [10, 96, 0, 10], 5353);
+    c.status |= status::DST_NAT;
+    let r = c.reply.as_mut().unwrap();
+    r.src = v4([10, 244, 2, 9]);
+    r.sport = 53;
+    t.on_new(&c, 0);
+    let top = t.snapshot().top(
+        &TopParams {
+            by: Dimension::Dns,
+            limit: 5,
+            ..Default::default()
+        },
+        1,
+    );
+    let e = &top.entries[0];
+    assert_eq!(
+        (
+            e.dst.as_deref(),
+            e.dport,
+            e.backend.as_deref(),
+            e.backend_port
+        ),
+        (Some("10.96.0.10"), Some(5353), Some("10.244.2.9"), Some(53))
+    );
+    // Swept by a dump: its DNS live count goes too.
+    t.begin_dump();
+    t.end_dump();
+    assert_eq!(t.dns.live(), 0);
+    assert!(t.snapshot().dns_servers.rows.is_empty());
 }
