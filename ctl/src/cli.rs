@@ -131,7 +131,7 @@ fn parse_cidr(s: &str) -> Result<String, String> {
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
-    /// What to group entries by: service, client, flow or backend.
+    /// What to group entries by: service, client, flow, backend, dns or dns_client.
     #[arg(long, default_value = "service", value_parser = parse_dimension)]
     pub by: Dimension,
     /// Rows to show.
@@ -143,6 +143,24 @@ pub struct TopArgs {
     /// Only this destination port (for --by backend: the backend's port).
     #[arg(long, value_name = "N")]
     pub port: Option<u16>,
+    /// A live view, refreshed in place every interval (on a terminal; otherwise one table per
+    /// interval). Ctrl-C ends it.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between frames of --watch (at least 0.2).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval, requires = "watch")]
+    pub interval: f64,
+    /// Stop --watch after this many frames (across reconnects).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "watch")]
+    pub count: Option<u64>,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    s.trim_end_matches('s')
+        .parse::<f64>()
+        .ok()
+        .filter(|v| (0.2..=60.0).contains(v))
+        .ok_or_else(|| format!("{s:?}: give seconds from 0.2 to 60"))
 }
 
 fn parse_dimension(s: &str) -> Result<Dimension, String> {

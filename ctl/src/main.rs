@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod render;
 mod time;
+mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -168,6 +169,26 @@ fn run(cli: &Cli) -> Result<()> {
     };
     if let Command::Generate { what } = &cli.command {
         return generate(what);
+    }
+    if let Command::Top(a) = &cli.command {
+        if a.watch {
+            let p = params(json!({
+                "by": a.by.as_str(),
+                "limit": a.limit.min(ctwatch_proto::MAX_WATCH_ROWS as u64),
+                "proto": a.proto,
+                "port": a.port,
+                "interval_ms": (a.interval * 1000.0).round() as u64,
+            }));
+            let by = a.by;
+            return watch::run(
+                &cli.socket,
+                p,
+                std::time::Duration::from_secs_f64(a.interval),
+                a.count,
+                cli.json,
+                |f| render::watch_frame(f, by),
+            );
+        }
     }
     let mut client = client::Client::connect(&cli.socket)?;
     match &cli.command {

@@ -281,6 +281,20 @@ pub fn status(s: &StatusReply) -> String {
                 .unwrap_or_default()
         ),
     ));
+    let c = &s.clients;
+    rows.push((
+        "clients",
+        format!(
+            "{} connected ({} watching), {} since start; refused: {} busy, {} not allowed; {} idle evicted, {} slow watchers dropped",
+            c.connections,
+            c.watchers,
+            c.accepted,
+            c.refused_busy,
+            c.denied,
+            c.evicted,
+            c.watchers_dropped
+        ),
+    ));
     if let (Some(obj), Some(now), Some(full)) = (s.object_size, s.memory_bytes, s.max_memory_bytes)
     {
         rows.insert(
@@ -681,5 +695,82 @@ pub fn dns(r: &ctwatch_proto::DnsReply) -> String {
             let _ = writeln!(out, "- {a}");
         }
     }
+    out
+}
+
+/// A usage bar of `width` cells.
+fn bar(pct: f64, width: usize) -> String {
+    let filled = ((pct / 100.0) * width as f64)
+        .round()
+        .clamp(0.0, width as f64) as usize;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+fn rate(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x > 0.0 => format!("+{x:.1}"),
+        Some(x) => format!("{x:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// One frame of `top --watch`.
+pub fn watch_frame(f: &ctwatch_proto::WatchFrame, by: Dimension) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ctwatch  {}  every {:.1} s",
+        f.t,
+        f.interval_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "table {} / {} entries {} {:.1}%",
+        f.count,
+        f.max,
+        bar(f.usage_pct, 30),
+        f.usage_pct
+    );
+    let _ = writeln!(
+        out,
+        "new {:.1}/s  destroyed {:.1}/s  events lost {}",
+        f.new_per_sec, f.destroy_per_sec, f.lost
+    );
+    for i in &f.incidents_opened {
+        let _ = writeln!(out, "NEW INCIDENT {} {}: {}", i.id, i.kind, i.summary);
+    }
+    for i in f
+        .incidents_open
+        .iter()
+        .filter(|i| !f.incidents_opened.iter().any(|o| o.id == i.id))
+    {
+        let _ = writeln!(
+            out,
+            "open incident {} {} since {}: {}",
+            i.id, i.kind, i.start, i.summary
+        );
+    }
+    out.push('\n');
+    let mut cols = key_columns(by);
+    cols.extend([
+        ("LIVE", true),
+        ("SHARE", true),
+        ("LIVE/S", true),
+        ("NEW/S", true),
+    ]);
+    let mut t = Table::new(&cols);
+    for r in &f.rows {
+        let mut cells = key_cells(by, &r.entry, "(other)");
+        cells.extend([
+            r.entry.live.to_string(),
+            pct(r.entry.share_pct),
+            rate(r.live_delta_per_sec),
+            r.created_per_sec
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+        t.row(cells);
+    }
+    out.push_str(&t.render());
     out
 }

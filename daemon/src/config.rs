@@ -185,6 +185,7 @@ impl Config {
                 write_timeout: secs(f.write_secs),
                 request_timeout: secs(f.request_secs),
                 heavy_requests: f.heavy as usize,
+                max_streams: f.max_streams as usize,
             },
             incidents: IncidentConfig {
                 quiet: secs(f.quiet_secs),

@@ -184,6 +184,9 @@ pub async fn run(
             request_timeout: config.server.request_timeout,
             advise: advise::Cache::default(),
             dns: config.reader.dns,
+            streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
+            max_streams: config.server.max_streams,
+            clients: Default::default(),
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");

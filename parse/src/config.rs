@@ -53,6 +53,7 @@ pub const IDLE_SECS: Bound = b("limits.idle_timeout_secs", 60, 1, 86_400);
 pub const WRITE_SECS: Bound = b("limits.write_timeout_secs", 5, 1, 3600);
 pub const REQUEST_SECS: Bound = b("limits.request_timeout_secs", 10, 1, 3600);
 pub const HEAVY: Bound = b("limits.heavy_requests", 2, 1, 64);
+pub const MAX_STREAMS: Bound = b("limits.max_streams", 16, 1, 64);
 pub const BUCKET_SECS: Bound = b("history.bucket_secs", 60, 1, 3600);
 pub const ROLLUP_SECS: Bound = b("history.rollup_secs", 3600, 1, 86_400);
 pub const FINE_HOURS: Bound = b("history.fine_retention_hours", 48, 1, 8760);
@@ -83,6 +84,7 @@ pub const BOUNDS: &[Bound] = &[
     WRITE_SECS,
     REQUEST_SECS,
     HEAVY,
+    MAX_STREAMS,
     BUCKET_SECS,
     ROLLUP_SECS,
     FINE_HOURS,
@@ -148,6 +150,7 @@ struct LimitsSection {
     write_timeout_secs: S<u64>,
     request_timeout_secs: S<u64>,
     heavy_requests: S<u64>,
+    max_streams: S<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +211,7 @@ pub struct Settings {
     pub write_secs: u64,
     pub request_secs: u64,
     pub heavy: u64,
+    pub max_streams: u64,
     pub history: bool,
     pub bucket_secs: u64,
     pub rollup_secs: u64,
@@ -379,6 +383,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         write_secs: c.int(WRITE_SECS, &l.write_timeout_secs)?,
         request_secs: c.int(REQUEST_SECS, &l.request_timeout_secs)?,
         heavy: c.int(HEAVY, &l.heavy_requests)?,
+        max_streams: c.int(MAX_STREAMS, &l.max_streams)?,
         history: h.enabled.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
         bucket_secs,
         rollup_secs,

@@ -3,9 +3,10 @@
 //! parameter no method knows is refused by name.
 
 use ctwatch_proto::{
-    parse_proto, Cidr, Dimension, DnsParams, IncidentsParams, QueryParams, TopParams,
+    parse_proto, Cidr, Dimension, DnsParams, IncidentsParams, QueryParams, TopParams, WatchParams,
     DEFAULT_DNS_ROWS, DEFAULT_HEADROOM_PCT, DEFAULT_INCIDENTS_PAGE, DEFAULT_QUERY_TOP,
-    DEFAULT_TOP_LIMIT, MAX_INCIDENTS_PAGE, MAX_POINTS, MAX_QUERY_CELLS, MAX_TOP_LIMIT,
+    DEFAULT_TOP_LIMIT, DEFAULT_WATCH_INTERVAL_MS, MAX_INCIDENTS_PAGE, MAX_POINTS, MAX_QUERY_CELLS,
+    MAX_TOP_LIMIT, MAX_WATCH_INTERVAL_MS, MAX_WATCH_ROWS, MIN_WATCH_INTERVAL_MS,
 };
 use serde_json::{Map, Value};
 
@@ -221,6 +222,39 @@ pub fn dns(p: &mut Params, now: u64) -> Result<DnsParams, ParamError> {
         since,
         until,
         limit,
+    })
+}
+
+/// Watch: what Top takes, at most `MAX_WATCH_ROWS` rows, and an interval in milliseconds.
+pub fn watch(p: &mut Params) -> Result<WatchParams, ParamError> {
+    let (by, proto, port) = key_params(p)?;
+    let limit = p.count("limit", DEFAULT_TOP_LIMIT, MAX_WATCH_ROWS)?;
+    let interval_ms = match p.opt_uint("interval_ms", u64::MAX / 2)? {
+        None => DEFAULT_WATCH_INTERVAL_MS,
+        Some(n) if (MIN_WATCH_INTERVAL_MS..=MAX_WATCH_INTERVAL_MS).contains(&n) => n,
+        Some(n) => {
+            return Err(ParamError::Limit {
+                parameter: "interval_ms",
+                bound: if n < MIN_WATCH_INTERVAL_MS {
+                    MIN_WATCH_INTERVAL_MS
+                } else {
+                    MAX_WATCH_INTERVAL_MS
+                },
+                reason: format!(
+                "the interval must be from {MIN_WATCH_INTERVAL_MS} to {MAX_WATCH_INTERVAL_MS} ms"
+            ),
+            })
+        }
+    };
+    p.check_unknown()?;
+    Ok(WatchParams {
+        top: TopParams {
+            by,
+            limit,
+            proto,
+            port,
+        },
+        interval_ms,
     })
 }
 

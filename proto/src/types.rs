@@ -98,6 +98,24 @@ pub struct StatusReply {
     pub health: HealthStatus,
     #[serde(default)]
     pub dns: DnsStatus,
+    #[serde(default)]
+    pub clients: ClientsStatus,
+}
+
+/// The socket's clients since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClientsStatus {
+    /// Connections open now, and accepted since start.
+    pub connections: u64,
+    pub accepted: u64,
+    /// Refused: not allowed (credentials), or no slot free.
+    pub denied: u64,
+    pub refused_busy: u64,
+    /// Idle connections that gave their slot to a newcomer.
+    pub evicted: u64,
+    /// Watch streams open now, and those dropped for not reading their frames in time.
+    pub watchers: u64,
+    pub watchers_dropped: u64,
 }
 
 /// DNS queries since start (see `ctctl dns` for a window).
@@ -982,3 +1000,51 @@ pub struct AdviceReply {
 }
 
 pub const DEFAULT_HEADROOM_PCT: f64 = 50.0;
+
+/// Parameters of `io.ctwatch.Watch`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WatchParams {
+    pub top: TopParams,
+    pub interval_ms: u64,
+}
+
+/// Watch intervals: the default, and the bounds.
+pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 1000;
+pub const MIN_WATCH_INTERVAL_MS: u64 = 200;
+pub const MAX_WATCH_INTERVAL_MS: u64 = 60_000;
+/// Most rows a watch frame shows.
+pub const MAX_WATCH_ROWS: usize = 200;
+
+/// One row of a watch frame: a ranking row and how it changed since the previous frame.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WatchRow {
+    #[serde(flatten)]
+    pub entry: TopEntry,
+    /// Change of its live entries per second since the previous frame, and entries created per
+    /// second; absent for a row that was not in the previous frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_delta_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_per_sec: Option<f64>,
+}
+
+/// One frame of `io.ctwatch.Watch`: the table, its rate, the top keys, the incidents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WatchFrame {
+    /// Frames sent on this stream so far, this one included.
+    pub seq: u64,
+    pub t: String,
+    pub interval_ms: u64,
+    pub count: u64,
+    pub max: u64,
+    pub usage_pct: f64,
+    /// Entries created and destroyed per second, and events lost, since the previous frame.
+    pub new_per_sec: f64,
+    pub destroy_per_sec: f64,
+    pub lost: u64,
+    pub by: String,
+    pub rows: Vec<WatchRow>,
+    /// Incidents open now, and those that opened since the previous frame.
+    pub incidents_open: Vec<IncidentRef>,
+    pub incidents_opened: Vec<IncidentRef>,
+}

@@ -131,7 +131,8 @@ mod tests {
                 "Incidents",
                 "Incident",
                 "Advise",
-                "Dns"
+                "Dns",
+                "Watch"
             ]
         );
         assert_eq!(

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ctwatch_parse::params::{self, ParamError, Params};
 use ctwatch_proto::{
-    errors, DnsStatus, EventCounters, HealthStatus, IncidentsReply, KmsgStatus, Reply, Request,
-    StatusReply, Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION, SERVICE_DESCRIPTION,
-    SERVICE_INTERFACE,
+    errors, ClientsStatus, DnsStatus, EventCounters, HealthStatus, IncidentsReply, KmsgStatus,
+    Reply, Request, StatusReply, Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION,
+    SERVICE_DESCRIPTION, SERVICE_INTERFACE,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -46,6 +46,20 @@ pub struct Ctx {
     pub advise: crate::advise::Cache,
     /// DNS replies are followed (`[dns] enabled`).
     pub dns: bool,
+    /// Watch streams open at once (a permit each), and how many may be.
+    pub streams: Arc<Semaphore>,
+    pub max_streams: usize,
+    pub clients: Arc<super::ClientCounters>,
+}
+
+/// The reply for refused parameters.
+pub fn param_error(e: ParamError) -> Bytes {
+    plain(ApiError::Param(e).reply())
+}
+
+/// The reply for a refusal with a reason.
+pub fn unavailable(reason: String) -> Bytes {
+    plain(ApiError::Internal(reason).reply())
 }
 
 /// Why a call failed.
@@ -126,6 +140,7 @@ enum Route {
     Incident,
     Advise,
     Dns,
+    Watch,
 }
 
 impl Route {
@@ -139,6 +154,7 @@ impl Route {
         Route::Incident,
         Route::Advise,
         Route::Dns,
+        Route::Watch,
     ];
 
     fn find(interface: &str, method: &str) -> Result<Route, ApiError> {
@@ -152,6 +168,7 @@ impl Route {
             (INTERFACE, "Incident") => Ok(Route::Incident),
             (INTERFACE, "Advise") => Ok(Route::Advise),
             (INTERFACE, "Dns") => Ok(Route::Dns),
+            (INTERFACE, "Watch") => Ok(Route::Watch),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => {
                 Err(ApiError::MethodNotFound(format!("{interface}.{method}")))
             }
@@ -281,6 +298,15 @@ fn status(ctx: &Ctx) -> StatusReply {
             kernel_age_ms: k.at.map(|t| t.elapsed().as_millis() as u64),
             dumping: snap.dumping.map(|d| d.as_str().to_string()),
         },
+        clients: ClientsStatus {
+            connections: load(&ctx.clients.open),
+            accepted: load(&ctx.clients.accepted),
+            denied: load(&ctx.clients.denied),
+            refused_busy: load(&ctx.clients.refused_busy),
+            evicted: load(&ctx.clients.evicted),
+            watchers: (ctx.max_streams - ctx.streams.available_permits()) as u64,
+            watchers_dropped: load(&ctx.clients.watchers_dropped),
+        },
         dns: DnsStatus {
             enabled: ctx.dns,
             queries: snap.dns.queries,
@@ -391,6 +417,12 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                 ))),
                 None => Err(ApiError::NoSuchIncident(id)),
             }
+        }
+        Route::Watch => {
+            // Without `more`: one frame (rates need a previous one, so they are zero).
+            let w = params::watch(p)?;
+            let mut watcher = super::watch::Watcher::new(w, ctx);
+            answer("frame", &watcher.frame(ctx))
         }
         Route::Dns => {
             let now = unix_now();

@@ -15,11 +15,13 @@
 
 mod handlers;
 mod slots;
+mod watch;
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,23 @@ use tracing::{debug, info, warn};
 
 pub use handlers::{dispatch, Ctx};
 use slots::Slots;
+
+/// What the socket's clients did since start (`Status.clients`).
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    pub denied: AtomicU64,
+    pub refused_busy: AtomicU64,
+    pub evicted: AtomicU64,
+    pub watchers_dropped: AtomicU64,
+}
+
+impl ClientCounters {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Limits on what clients can make the daemon do.
 #[derive(Debug, Clone)]
@@ -53,6 +72,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Heavy calls (Top, Query, Incidents, Advise) computed at once; the rest wait their turn.
     pub heavy_requests: usize,
+    /// Watch streams open at once.
+    pub max_streams: usize,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
@@ -62,6 +83,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEAVY_REQUESTS: usize = 2;
+pub const DEFAULT_MAX_STREAMS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -331,6 +353,7 @@ impl Server {
             let uid = match self.allowed(&stream) {
                 Ok(uid) => uid,
                 Err(uid) => {
+                    ClientCounters::bump(&self.ctx.clients.denied);
                     warn!(
                         uid,
                         "connection refused: not root nor a member of the socket group"
@@ -346,6 +369,7 @@ impl Server {
             let slot = match self.slots.admit(uid) {
                 Ok(s) => s,
                 Err(r) => {
+                    ClientCounters::bump(&self.ctx.clients.refused_busy);
                     let reason = r.to_string();
                     warn!(uid, "connection refused: {reason}");
                     let reply =
@@ -362,13 +386,20 @@ impl Server {
                 write_timeout: self.cfg.write_timeout,
             };
             let cancel = shutdown.clone();
+            let counters = self.ctx.clients.clone();
+            ClientCounters::bump(&counters.accepted);
+            counters.open.fetch_add(1, Ordering::Relaxed);
             self.tasks.spawn(async move {
                 let evicted = slot.evicted();
                 tokio::select! {
                     _ = conn.run(uid, &slot) => {}
                     _ = cancel.cancelled() => {}
-                    _ = evicted.cancelled() => debug!(uid, "idle connection gave up its slot to a newcomer"),
+                    _ = evicted.cancelled() => {
+                        ClientCounters::bump(&counters.evicted);
+                        debug!(uid, "idle connection gave up its slot to a newcomer");
+                    }
                 }
+                counters.open.fetch_sub(1, Ordering::Relaxed);
                 drop(slot);
             });
         }
@@ -385,6 +416,25 @@ async fn refuse(stream: UnixStream, reply: Reply, write_timeout: Duration) {
     }
 }
 
+/// A frame of a stream: `{"parameters": {"frame": ...}, "continues": true}`.
+fn continued(frame: &ctwatch_proto::WatchFrame) -> Option<Bytes> {
+    #[derive(serde::Serialize)]
+    struct Wrap<'a> {
+        parameters: Inner<'a>,
+        continues: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct Inner<'a> {
+        frame: &'a ctwatch_proto::WatchFrame,
+    }
+    serde_json::to_vec(&Wrap {
+        parameters: Inner { frame },
+        continues: true,
+    })
+    .ok()
+    .map(Bytes::from)
+}
+
 /// One client: reads a call, answers it, repeats.
 struct Connection {
     framed: Framed<UnixStream, NulCodec>,
@@ -394,6 +444,52 @@ struct Connection {
 }
 
 impl Connection {
+    /// Streams watch frames. Returns the last reply to send (an error), or `None` when the
+    /// connection is to be closed (the client went, fell behind, or spoke mid-stream).
+    async fn stream(&mut self, uid: u32, req: ctwatch_proto::Request) -> Option<Bytes> {
+        let mut p = ctwatch_parse::params::Params::new(req.parameters);
+        let params = match ctwatch_parse::params::watch(&mut p) {
+            Ok(w) => w,
+            Err(e) => return Some(handlers::param_error(e)),
+        };
+        let Ok(_permit) = self.ctx.streams.clone().try_acquire_owned() else {
+            return Some(handlers::unavailable(format!(
+                "too many watchers ({} at most): try again later",
+                self.ctx.max_streams
+            )));
+        };
+        let interval = Duration::from_millis(params.interval_ms);
+        // A watcher that cannot take a frame in this long is dropped, never waited for.
+        let patience = interval.min(self.write_timeout);
+        let mut w = watch::Watcher::new(params, &self.ctx);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let frame = w.frame(&self.ctx);
+                    let text = continued(&frame)?;
+                    match tokio::time::timeout(patience, self.framed.send(text)).await {
+                        Ok(Ok(())) => {}
+                        _ => {
+                            ClientCounters::bump(&self.ctx.clients.watchers_dropped);
+                            debug!(uid, "watcher does not keep up with its frames: dropped");
+                            return None;
+                        }
+                    }
+                }
+                r = self.framed.next() => {
+                    // End of the stream: the client closed, or broke the protocol by calling
+                    // again before it ended.
+                    if r.is_some() {
+                        debug!(uid, "call during a stream; closing");
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
     async fn write(&mut self, text: Bytes) -> bool {
         matches!(
             tokio::time::timeout(self.write_timeout, self.framed.send(text)).await,
@@ -430,6 +526,13 @@ impl Connection {
             };
             slot.set_idle(false);
             let reply = match parse_call(&frame) {
+                Ok(req) if req.more && req.method == "io.ctwatch.Watch" => {
+                    // A stream: frames until the client goes, falls behind, or speaks.
+                    match self.stream(uid, req).await {
+                        Some(last) => Some(last),
+                        None => return,
+                    }
+                }
                 Ok(req) => {
                     let oneway = req.oneway;
                     let text = dispatch(req, &self.ctx).await;

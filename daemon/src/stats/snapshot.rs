@@ -371,22 +371,20 @@ impl Snapshot {
         self.taken.elapsed()
     }
 
-    /// Live entries per key, largest first, with the rest summed in an `(other)` row so that
-    /// the rows add up to every matching entry. `count` is the table size shares are taken
-    /// of. Costs one pass over the dimension's keys; strings are made for shown rows only.
-    pub fn top(&self, p: &TopParams, count: u64) -> TopReply {
-        let denom = count.max(self.live).max(1);
+    /// The ranking behind `top`: the kept rows (key, live entries, entries created under it
+    /// since it was tracked), largest first, and the live entries of everything else.
+    pub fn rank(&self, p: &TopParams) -> (Vec<(FlatKey, u64, u32)>, u64) {
         let proto_ok = |proto: u8| p.proto.is_none_or(|want| want == proto);
         let port_ok = |port: u16| p.port.is_none_or(|want| want == port);
         let unfiltered = p.proto.is_none() && p.port.is_none();
         // Ranked as they are read (a bounded heap of `limit` rows); everything not kept, and
         // every entry folded past a cap, goes into the (other) row.
-        let mut top: TopN<FlatKey, u64, ()> = TopN::new(p.limit.max(1));
+        let mut top: TopN<FlatKey, u64, u32> = TopN::new(p.limit.max(1));
         let mut rest: u64 = 0;
         // Returns the live entries offered; those of rows pushed out are what `total` minus
         // the kept rows leaves.
-        let mut offer = |k: FlatKey, live: u64| {
-            top.offer(k, live, ());
+        let mut offer = |k: FlatKey, live: u64, new: u32| {
+            top.offer(k, live, new);
             live
         };
         let mut total: u64 = 0;
@@ -394,7 +392,7 @@ impl Snapshot {
             Dimension::Service => {
                 for r in &self.services.rows {
                     if proto_ok(r.key.proto) && port_ok(r.key.dport) {
-                        total += offer((&r.key).into(), r.live as u64);
+                        total += offer((&r.key).into(), r.live as u64, r.new);
                     }
                 }
                 if unfiltered {
@@ -410,7 +408,7 @@ impl Snapshot {
                     if k.folded {
                         rest += r.live as u64;
                     } else {
-                        total += offer(k.into(), r.live as u64);
+                        total += offer(k.into(), r.live as u64, r.new);
                     }
                 }
                 if unfiltered {
@@ -419,13 +417,13 @@ impl Snapshot {
             }
             Dimension::Client if unfiltered => {
                 for r in &self.clients.rows {
-                    total += offer((&r.key).into(), r.live as u64);
+                    total += offer((&r.key).into(), r.live as u64, r.new);
                 }
                 rest += self.clients.other_live;
             }
             Dimension::Client => {
                 // Filtered by what clients connect to: add up their matching flows.
-                let mut per: HashMap<ClientKey, u64> = HashMap::new();
+                let mut per: HashMap<ClientKey, (u64, u32)> = HashMap::new();
                 for (r, &client_other) in self.flows.rows.iter().zip(&self.flow_client_other) {
                     let k = &r.key;
                     if !(proto_ok(k.service.proto) && port_ok(k.service.dport)) {
@@ -439,17 +437,19 @@ impl Snapshot {
                             zone: k.service.zone,
                             src: k.src,
                         };
-                        *per.entry(c).or_default() += r.live as u64;
+                        let e = per.entry(c).or_default();
+                        e.0 += r.live as u64;
+                        e.1 = e.1.wrapping_add(r.new);
                     }
                 }
-                for (k, l) in per {
-                    total += offer((&k).into(), l);
+                for (k, (l, n)) in per {
+                    total += offer((&k).into(), l, n);
                 }
             }
             Dimension::Backend => {
                 for r in &self.backends.rows {
                     if proto_ok(r.key.proto) && port_ok(r.key.port) {
-                        total += offer((&r.key).into(), r.live as u64);
+                        total += offer((&r.key).into(), r.live as u64, r.new);
                     }
                 }
                 if unfiltered {
@@ -459,7 +459,7 @@ impl Snapshot {
             Dimension::Dns => {
                 for r in &self.dns_servers.rows {
                     if proto_ok(r.key.service.proto) && port_ok(r.key.service.dport) {
-                        total += offer((&r.key).into(), r.live as u64);
+                        total += offer((&r.key).into(), r.live as u64, r.new);
                     }
                 }
                 if unfiltered {
@@ -468,7 +468,7 @@ impl Snapshot {
             }
             Dimension::DnsClient => {
                 for r in &self.dns_clients.rows {
-                    total += offer((&r.key).into(), r.live as u64);
+                    total += offer((&r.key).into(), r.live as u64, r.new);
                 }
                 rest += self.dns_clients.other_live;
             }
@@ -476,9 +476,18 @@ impl Snapshot {
         let kept = top.into_sorted();
         // What the shown rows leave out: keys beyond the limit and those folded past the cap.
         rest += total - kept.iter().map(|r| r.1).sum::<u64>();
+        (kept, rest)
+    }
+
+    /// Live entries per key, largest first, with the rest summed in an `(other)` row so that
+    /// the rows add up to every matching entry. `count` is the table size shares are taken
+    /// of. Costs one pass over the dimension's keys; strings are made for shown rows only.
+    pub fn top(&self, p: &TopParams, count: u64) -> TopReply {
+        let denom = count.max(self.live).max(1);
+        let (kept, rest) = self.rank(p);
         let mut entries: Vec<TopEntry> = kept
             .into_iter()
-            .map(|(k, live, ())| TopEntry {
+            .map(|(k, live, _)| TopEntry {
                 live,
                 share_pct: pct(live, denom),
                 ..k.fields(p.by).top_entry()

@@ -69,6 +69,11 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub dir: TempDir,
     pub log: PathBuf,
+    /// What `restart` starts it with again.
+    netns: PathBuf,
+    state: PathBuf,
+    config: String,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -131,9 +136,38 @@ impl Daemon {
             socket,
             dir,
             log,
+            netns: ns.path(),
+            state,
+            config: opts.config,
+            env: opts.env,
         };
         d.wait_ready();
         d
+    }
+
+    /// SIGTERM, wait, and start it again on the same socket, state and configuration (its
+    /// log goes on in the same file).
+    pub fn restart(&mut self, ns: &Netns) {
+        assert_eq!(ns.path(), self.netns, "restarted in another namespace");
+        if self.child.is_some() {
+            let status = self.stop();
+            assert!(status.success(), "ctwatchd stopped with {status}");
+        }
+        self.start_again(ns);
+    }
+
+    /// Starts it again after `stop` or `kill9`.
+    pub fn start_again(&mut self, ns: &Netns) {
+        assert!(self.child.is_none(), "ctwatchd is still running");
+        self.child = Some(Self::spawn_env(
+            ns,
+            self.dir.path(),
+            &self.state,
+            &self.config,
+            &self.log,
+            &self.env,
+        ));
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
