@@ -12,7 +12,8 @@
                              the corpus with
                              `cargo fuzz cmin kmsg /tmp/ctwatch-fuzz-kmsg` (then renamed)
 
-Seeds are named for what they are; the fuzzer's own finds are named by their SHA-1 and ignored
+Inputs that once crashed a target are kept as seeds too, named regression-* (not written
+here). Seeds are named for what they are; the fuzzer's own finds are named by their SHA-1 and ignored
 by git (fuzz/.gitignore).
 """
 
