@@ -140,37 +140,48 @@ pub fn query(p: &mut Params, now: u64) -> Result<QueryParams, ParamError> {
         return Err(invalid("until"));
     }
     let (by, proto, port) = key_params(p)?;
-    let top = p.count("top", DEFAULT_QUERY_TOP, MAX_TOP_LIMIT)?;
     let step = p.opt_uint("step", u64::MAX / 2)?;
-    if let Some(s) = step {
-        if s == 0 {
-            return Err(invalid("step"));
+    let points = match step {
+        None => None,
+        Some(0) => return Err(invalid("step")),
+        Some(s) => {
+            // Points are aligned to multiples of the step, so they fall on bucket boundaries
+            // and the last one is the bucket in progress.
+            let points = (until - (since - since % s)).div_ceil(s);
+            if points > MAX_POINTS {
+                return Err(ParamError::Limit {
+                    parameter: "step",
+                    bound: MAX_POINTS,
+                    reason: format!(
+                        "{points} points per series asked, at most {MAX_POINTS}: use a larger step or a shorter range"
+                    ),
+                });
+            }
+            Some(points)
         }
-        // Points are aligned to multiples of the step, so they fall on bucket boundaries and
-        // the last one is the bucket in progress.
-        let points = (until - (since - since % s)).div_ceil(s);
-        if points > MAX_POINTS {
-            return Err(ParamError::Limit {
-                parameter: "step",
-                bound: MAX_POINTS,
-                reason: format!(
-                    "{points} points per series asked, at most {MAX_POINTS}: use a larger step or a shorter range"
-                ),
-            });
+    };
+    // Every shown row (and the (other) row) carries a whole series, so the points bound the
+    // rows: the bound a refusal names is the one that applies to this range and step.
+    let top_bound = match points {
+        None => MAX_TOP_LIMIT,
+        Some(points) => {
+            MAX_TOP_LIMIT.min((MAX_QUERY_CELLS / points).saturating_sub(1).max(1) as usize)
         }
-        // Every shown row (and the (other) row) carries a whole series.
-        let cells = points.saturating_mul(top as u64 + 1);
-        if cells > MAX_QUERY_CELLS {
-            return Err(ParamError::Limit {
-                parameter: "top",
-                bound: (MAX_QUERY_CELLS / points).saturating_sub(1).max(1),
-                reason: format!(
-                    "(top + 1) x points may be at most {MAX_QUERY_CELLS}; {} rows of {points} points asked",
-                    top + 1
-                ),
-            });
-        }
-    }
+    };
+    let top = p
+        .count("top", DEFAULT_QUERY_TOP, top_bound)
+        .map_err(|e| match (e, points) {
+            (ParamError::Limit { bound, .. }, Some(points)) if top_bound < MAX_TOP_LIMIT => {
+                ParamError::Limit {
+                    parameter: "top",
+                    bound,
+                    reason: format!(
+                        "(top + 1) x points may be at most {MAX_QUERY_CELLS}: with {points} points per series, top may be at most {bound}"
+                    ),
+                }
+            }
+            (e, _) => e,
+        })?;
     let src = opt_cidr(p, "src")?;
     let dst = opt_cidr(p, "dst")?;
     p.check_unknown()?;
@@ -361,6 +372,32 @@ mod tests {
             10_000,
         );
         assert!(fits.is_ok(), "{fits:?}");
+    }
+
+    #[test]
+    fn a_top_beyond_max_top_limit_names_the_bound_the_step_allows() {
+        // Found by the varlink fuzz target: a top past MAX_TOP_LIMIT was refused naming
+        // MAX_TOP_LIMIT, which the cell bound refuses in turn (with 1441 points, 172 fit).
+        let since = 1_759_913_600;
+        let ask = |top: u64| {
+            query(
+                &mut params(json!({"since": since, "step": 60, "top": top})),
+                since + 86_400,
+            )
+        };
+        let e = ask(200_000_000).unwrap_err();
+        let ParamError::Limit {
+            parameter, bound, ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((parameter, bound), ("top", 172));
+        assert!(ask(bound).is_ok());
+        assert!(ask(bound + 1).is_err());
+        // Without a step, or with points few enough, the bound is MAX_TOP_LIMIT's.
+        let e = query(&mut params(json!({"since": 0, "top": 200_000_000})), 100).unwrap_err();
+        assert!(matches!(e, ParamError::Limit { bound, .. } if bound == MAX_TOP_LIMIT as u64));
     }
 
     #[test]
