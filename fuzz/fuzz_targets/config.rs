@@ -66,6 +66,8 @@ fn integers(s: &Settings) -> Vec<(Bound, u64, u64)> {
         (MAX_CLIENTS, s.max_clients, 1),
         (MAX_FLOWS, s.max_flows, 1),
         (MAX_BACKENDS, s.max_backends, 1),
+        (MAX_DNS_SERVERS, s.max_dns_servers, 1),
+        (MAX_DNS_CLIENTS, s.max_dns_clients, 1),
         (MAX_CONNECTIONS, s.max_connections, 1),
         (RESERVED_ROOT, s.reserved_root, 1),
         (PER_USER, s.per_user, 1),
@@ -73,6 +75,7 @@ fn integers(s: &Settings) -> Vec<(Bound, u64, u64)> {
         (WRITE_SECS, s.write_secs, 1),
         (REQUEST_SECS, s.request_secs, 1),
         (HEAVY, s.heavy, 1),
+        (MAX_STREAMS, s.max_streams, 1),
         (BUCKET_SECS, s.bucket_secs, 1),
         (ROLLUP_SECS, s.rollup_secs, 1),
         (FINE_HOURS, s.fine_retention_secs, 3600),
@@ -162,6 +165,7 @@ fn render(s: &Settings) -> String {
         }
         writeln!(out, "{key} = {}", v / unit).unwrap();
     }
+    writeln!(out, "[dns]\nenabled = {}", s.dns).unwrap();
     out
 }
 

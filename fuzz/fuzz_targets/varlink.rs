@@ -1,13 +1,16 @@
 //! A client's byte stream through the daemon's request path: `frame::find_frame` driven as
 //! the connection's decoder drives it (bytes arriving in chunks, `searched` carried over),
 //! each frame through `frame::parse_call`, and the parameters of each call through every
-//! `params::*` function (Top, Query, Incidents, Incident, Advise).
+//! `params::*` function (Top, Query, Incidents, Incident, Advise, Dns, Watch).
 //!
 //! Beyond "no panic":
 //! - framing yields exactly the NUL-separated frames of the stream, however it is chunked, each
 //!   without a NUL and at most the bound long, and fails exactly when a frame passes the bound;
 //! - an accepted Top limit is within 1..=MAX_TOP_LIMIT, an accepted Incidents limit within
-//!   1..=MAX_INCIDENTS_PAGE, an accepted Advise headroom finite and within 0..=1000;
+//!   1..=MAX_INCIDENTS_PAGE, an accepted Advise headroom finite and within 0..=1000; an
+//!   accepted Dns window has since < until and a limit within 1..=MAX_TOP_LIMIT; an accepted
+//!   Watch has at most MAX_WATCH_ROWS rows and an interval within its bounds, and a refused
+//!   interval names the bound it passed;
 //! - an accepted Query has since < until and, with a step, at most MAX_POINTS points per
 //!   series and (top + 1) x points <= MAX_QUERY_CELLS, points counted from
 //!   `since - since % step` to `until`; a LimitExceeded on `top` names a top that fits;
@@ -20,6 +23,7 @@ use ctwatch_parse::frame::{find_frame, parse_call, FrameError};
 use ctwatch_parse::params::{self, ParamError, Params};
 use ctwatch_proto::{
     errors, Reply, MAX_INCIDENTS_PAGE, MAX_POINTS, MAX_QUERY_CELLS, MAX_REQUEST_LEN, MAX_TOP_LIMIT,
+    MAX_WATCH_INTERVAL_MS, MAX_WATCH_ROWS, MIN_WATCH_INTERVAL_MS,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
@@ -115,6 +119,8 @@ const QUERY: &[&str] = &[
 const INCIDENTS: &[&str] = &["since", "before", "limit"];
 const INCIDENT: &[&str] = &["id"];
 const ADVISE: &[&str] = &["headroom_pct", "object_size"];
+const DNS: &[&str] = &["since", "until", "limit"];
+const WATCH: &[&str] = &["by", "proto", "port", "limit", "interval_ms"];
 
 fn fresh(p: Option<&Map<String, Value>>) -> Params {
     Params::new(p.cloned())
@@ -214,6 +220,38 @@ fn check_params(p: Option<&Map<String, Value>>) {
         assert!(object_size.is_none_or(|o| o <= 1 << 20));
     }
     knows(ADVISE, r.as_ref().map(|_| ()));
+
+    for now in NOWS {
+        let r = params::dns(&mut fresh(p), now);
+        if let Ok(d) = &r {
+            assert!(d.since < d.until, "{d:?}");
+            assert!((1..=MAX_TOP_LIMIT).contains(&d.limit), "{d:?}");
+        }
+        knows(DNS, r.as_ref().map(|_| ()));
+    }
+
+    let r = params::watch(&mut fresh(p));
+    match &r {
+        Ok(w) => {
+            assert!((1..=MAX_WATCH_ROWS).contains(&w.top.limit), "{w:?}");
+            assert!(
+                (MIN_WATCH_INTERVAL_MS..=MAX_WATCH_INTERVAL_MS).contains(&w.interval_ms),
+                "{w:?}"
+            );
+        }
+        Err(ParamError::Limit {
+            parameter: "interval_ms",
+            bound,
+            ..
+        }) => {
+            assert!(
+                *bound == MIN_WATCH_INTERVAL_MS || *bound == MAX_WATCH_INTERVAL_MS,
+                "{bound}"
+            );
+        }
+        Err(_) => {}
+    }
+    knows(WATCH, r.as_ref().map(|_| ()));
 }
 
 /// The reply the daemon sends for a refused parameter never holds a NUL, whatever name the
