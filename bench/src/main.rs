@@ -550,6 +550,101 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The one-sender flood alone, then with a scraper fetching /metrics every 100 ms (ten times
+/// what a Prometheus at a 1 s interval asks): events lost, the daemon's CPU over the flood and
+/// its drain, and the scrape latency.
+fn metrics_scrape_rows(a: &Args) -> Result<Vec<String>> {
+    use ctwatch_tests::support::http_get;
+    let mut out = vec![format!(
+        "{:<32} {:>9} {:>9} {:>6} {:>8} {:>8} {:>10} {:>9} {:>9}",
+        "flood + scrape every 100 ms",
+        "created",
+        "seen",
+        "lost",
+        "cpu ms",
+        "scrapes",
+        "scrape p50",
+        "p99",
+        "max"
+    )];
+    for scrape in [false, true] {
+        let ns = Netns::for_load();
+        let d = Daemon::start(
+            &ns,
+            DaemonOpts {
+                config: "[metrics]\nlisten = \"127.0.0.1:9612\"\n".into(),
+                ..Default::default()
+            },
+        );
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::sleep(Duration::from_millis(500));
+        let new0 = new_counter(&ns);
+        let s0 = d.json(&["status"]);
+        let cpu0 = cpu_secs(d.pid());
+        let (cpu1, (lat, failed)) = std::thread::scope(|sc| {
+            let scraper = scrape.then(|| {
+                sc.spawn(|| {
+                    let (mut lat, mut failed) = (Vec::new(), 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        match http_get(&ns, "127.0.0.1:9612", "/metrics", &[]) {
+                            Ok(r) if r.status == 200 => {
+                                lat.push(t.elapsed().as_secs_f64() * 1000.0)
+                            }
+                            _ => failed += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+                    }
+                    (lat, failed)
+                })
+            });
+            load::udp_new_flood(&ns.path(), 1, u64::MAX / 4, Duration::from_secs(a.seconds));
+            let _ = converge(&d, &ns, Instant::now());
+            let cpu1 = cpu_secs(d.pid());
+            stop.store(true, Ordering::Relaxed);
+            (
+                cpu1,
+                scraper
+                    .map(|t| t.join().unwrap_or_default())
+                    .unwrap_or_default(),
+            )
+        });
+        let s1 = d.json(&["status"]);
+        let created = new_counter(&ns) - new0;
+        let ev = |s: &Value, k: &str| s["events"][k].as_u64().unwrap_or(0);
+        let seen = ev(&s1, "new") - ev(&s0, "new");
+        let lost = ev(&s1, "lost") - ev(&s0, "lost");
+        let pct = |p: f64| {
+            let mut v = lat.clone();
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        out.push(format!(
+            "{:<32} {:>9} {:>9} {:>6} {:>8.0} {:>8} {:>8.1}ms {:>7.1}ms {:>7.1}ms",
+            if scrape {
+                "scrape every 100 ms"
+            } else {
+                "alone"
+            },
+            created,
+            seen,
+            lost,
+            (cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1) * 1000.0,
+            if scrape {
+                format!("{} ({failed} failed)", lat.len())
+            } else {
+                String::new()
+            },
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+        ));
+    }
+    Ok(out)
+}
+
 fn time_ms(f: impl FnOnce()) -> u128 {
     let t = Instant::now();
     f();
@@ -655,6 +750,11 @@ fn main() -> Result<()> {
     println!();
     eprintln!("ctbench: the flood under client load");
     for l in client_load_rows(&a)? {
+        println!("{l}");
+    }
+    println!();
+    eprintln!("ctbench: the flood while /metrics is scraped every 100 ms");
+    for l in metrics_scrape_rows(&a)? {
         println!("{l}");
     }
     println!();
