@@ -866,3 +866,48 @@ fn the_listen_address_is_the_one_bound() {
         "the endpoint answered on an address it was not given"
     );
 }
+
+/// Scrapes are clients too: scraping every 100 ms during a one-sender flood costs no event.
+#[test]
+fn scraping_every_100_ms_during_a_flood_loses_no_event() {
+    const N: u64 = 150_000;
+    let ns = Netns::for_load();
+    let d = metrics_daemon(&ns, "");
+    let before = d.json(&["status"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, scrapes) = std::thread::scope(|sc| {
+        let scraper = sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = http_get(&ns, ADDR, "/metrics", &[]).expect("scrape");
+                assert_eq!(r.status, 200);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+            }
+            n
+        });
+        // The scraper is going before the flood starts, and after it ends.
+        std::thread::sleep(Duration::from_millis(1000));
+        let sent = load::udp_new_flood(&ns.path(), 1, N, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sent, scraper.join().unwrap())
+    });
+    assert!(sent >= N * 9 / 10, "the flood sent only {sent}");
+    let kernel = ns.conntrack_count();
+    let s = wait_for("live to equal the kernel", Duration::from_secs(10), || {
+        let s = d.json(&["status"]);
+        (s["live"].as_u64() == Some(kernel)).then_some(s)
+    });
+    let new = s["events"]["new"].as_u64().unwrap() - before["events"]["new"].as_u64().unwrap();
+    eprintln!(
+        "sent {sent}, NEW seen {new}, lost {}, overruns {}, {scrapes} scrapes",
+        s["events"]["lost"], s["events"]["overruns"]
+    );
+    assert!(scrapes >= 10, "{scrapes} scrapes");
+    assert_eq!(s["events"]["lost"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["events"]["overruns"].as_u64(), Some(0), "{s}");
+    // Every NEW event of the flood, and those of the scrapes' own TCP connections.
+    assert!(new >= sent, "NEW seen {new} < sent {sent}");
+}

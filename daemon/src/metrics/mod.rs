@@ -275,14 +275,20 @@ impl MetricsServer {
                 Ok(s) => s,
                 Err(_) => {
                     debug!(%peer, "metrics connection refused: all slots busy");
-                    // One small write into a fresh socket's empty buffer: no task, no wait.
-                    let _ = stream.try_write(&response(
-                        Status::Unavailable,
-                        "text/plain; charset=utf-8",
-                        b"too many connections: try again shortly\n",
-                        false,
-                        false,
-                    ));
+                    // One small write into a fresh socket's empty buffer (non-blocking, on the
+                    // plain socket: tokio may not have seen it writable yet): no task, no wait.
+                    if let Ok(mut s) = stream.into_std() {
+                        let _ = std::io::Write::write(
+                            &mut s,
+                            &response(
+                                Status::Unavailable,
+                                "text/plain; charset=utf-8",
+                                b"too many connections: try again shortly\n",
+                                false,
+                                false,
+                            ),
+                        );
+                    }
                     continue;
                 }
             };
