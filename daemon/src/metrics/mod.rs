@@ -195,13 +195,18 @@ pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>, MetricsError> {
 pub struct MetricsServer {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// The connection cap (`max_connections`), with eviction of the longest-idle connection:
+    /// the Varlink socket's slot table, all scrapers counted as one user.
     slots: Arc<Slots>,
+    /// Connection tasks, waited for (bounded) at shutdown.
     tasks: TaskTracker,
 }
 
 struct Shared {
     cfg: MetricsConfig,
+    /// The bearer token scrapers must send (`None`: none asked).
     token: Option<Vec<u8>>,
+    /// One render at a time, shared by every scrape within `CACHE_FOR`.
     cache: Cache,
 }
 

@@ -435,7 +435,8 @@ impl Out {
             Type::Gauge => f.name,
         };
         let _ = writeln!(self.om, "# TYPE {om_name} {kind}");
-        let _ = writeln!(self.om, "# HELP {om_name} {help}");
+        // OpenMetrics escapes double quotes in HELP too.
+        let _ = writeln!(self.om, "# HELP {om_name} {}", escape_label(f.help));
     }
 
     fn sample(&mut self, labels: &[(&str, &str)], v: Val) {
@@ -879,6 +880,10 @@ mod tests {
         assert!(om.contains("\nctwatch_events_total{type=\"new\"} 0\n"));
         assert!(om.ends_with("# EOF\n"));
         assert!(!t.contains("# EOF"));
+        assert!(
+            om.contains("the rest in the series other=\\\"true\\\""),
+            "HELP quotes escaped"
+        );
     }
 
     #[test]
