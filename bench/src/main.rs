@@ -30,7 +30,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     seconds: u64,
     /// Run only these sections: loads (ctwatchd against conntrack -E), clients (the flood under
-    /// client load), startup (a large table against the kernel's own dump). Default: all.
+    /// client load), metrics (the flood while /metrics is scraped), startup (a large table
+    /// against the kernel's own dump). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -213,8 +214,13 @@ fn drain(m: &Monitor) {
 
 /// ms from `since` until ctwatchd's live count equals the kernel's count (at most 30 s).
 fn converge(d: &Daemon, ns: &Netns, since: Instant) -> Option<u64> {
+    converge_by(|| d.json(&["status"]), ns, since)
+}
+
+/// `converge`, reading Status with `status`.
+fn converge_by(status: impl Fn() -> Value, ns: &Netns, since: Instant) -> Option<u64> {
     while since.elapsed() < Duration::from_secs(30) {
-        let s = d.json(&["status"]);
+        let s = status();
         if s["live"] == s["count"] && s["live"].as_u64() == Some(ns.conntrack_count()) {
             return Some(since.elapsed().as_millis() as u64);
         }
@@ -469,9 +475,9 @@ fn startup_rows(a: &Args) -> Result<Vec<String>> {
     ])
 }
 
-/// The one-sender flood alone, then under 62 clients looping over every method with its
-/// costliest parameters (with the probe and the bench's own status calls, the 64 connections
-/// the daemon takes): events lost, and Status latency as one more client sees it.
+/// The one-sender flood alone, then under 63 clients looping over every method with its
+/// costliest parameters (with the row's own connection for the probe and its Status calls, the
+/// 64 connections the daemon takes): events lost, and Status latency as one more client sees it.
 fn client_load_rows(a: &Args) -> Result<Vec<String>> {
     use ctwatch_tests::support::clients::Hammer;
     use ctwatch_tests::support::Varlink;
@@ -486,9 +492,19 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
         "max",
         "client calls"
     )];
-    for clients in [0usize, 62] {
+    for clients in [0usize, 63] {
         let ns = Netns::for_load();
         let d = Daemon::start(&ns, DaemonOpts::default());
+        // One connection, taken before the clients fill the other 63 slots, for the probe's
+        // Status calls and the row's own (a ctctl would be a 65th connection, refused).
+        let conn = Arc::new(std::sync::Mutex::new(Varlink::connect(&d.socket)?));
+        let status = || -> Value {
+            conn.lock()
+                .unwrap()
+                .call("io.ctwatch.Status", serde_json::json!({}))
+                .map(|r| r["parameters"]["status"].clone())
+                .unwrap_or(Value::Null)
+        };
         let hammer =
             (clients > 0).then(|| Hammer::start(&d.socket, clients, Duration::from_secs(300)));
         if let Some(h) = &hammer {
@@ -499,13 +515,17 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let probe = {
-            let (socket, stop) = (d.socket.clone(), stop.clone());
+            let (conn, stop) = (conn.clone(), stop.clone());
             std::thread::spawn(move || {
-                let mut c = Varlink::connect(&socket).expect("probe");
                 let mut lat = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    if c.call("io.ctwatch.Status", serde_json::json!({})).is_ok() {
+                    if conn
+                        .lock()
+                        .unwrap()
+                        .call("io.ctwatch.Status", serde_json::json!({}))
+                        .is_ok()
+                    {
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
                     }
                     std::thread::sleep(Duration::from_millis(10));
@@ -514,13 +534,13 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
             })
         };
         let new0 = new_counter(&ns);
-        let s0 = d.json(&["status"]);
+        let s0 = status();
         load::udp_new_flood(&ns.path(), 1, u64::MAX / 4, Duration::from_secs(a.seconds));
-        let _ = converge(&d, &ns, Instant::now());
+        let _ = converge_by(status, &ns, Instant::now());
         stop.store(true, Ordering::Relaxed);
         let lat = probe.join().unwrap_or_default();
         let calls = hammer.map(|h| h.stop());
-        let s1 = d.json(&["status"]);
+        let s1 = status();
         let created = new_counter(&ns) - new0;
         let seen =
             s1["events"]["new"].as_u64().unwrap_or(0) - s0["events"]["new"].as_u64().unwrap_or(0);
@@ -549,6 +569,108 @@ fn client_load_rows(a: &Args) -> Result<Vec<String>> {
             calls
                 .map(|c| format!("{} ({} refused)", c.calls, c.errors))
                 .unwrap_or_default()
+        ));
+    }
+    Ok(out)
+}
+
+/// The one-sender flood alone, then with a scraper fetching /metrics every 100 ms (ten times
+/// what a Prometheus at a 1 s interval asks): events lost, the daemon's CPU over the flood and
+/// its drain, and the scrape latency.
+fn metrics_scrape_rows(a: &Args) -> Result<Vec<String>> {
+    use ctwatch_tests::support::http_get;
+    let mut out = vec![format!(
+        "{:<32} {:>9} {:>9} {:>6} {:>8} {:>14} {:>10} {:>9} {:>9}",
+        "flood + scrape every 100 ms",
+        "created",
+        "seen",
+        "lost",
+        "cpu ms",
+        "scrapes",
+        "scrape p50",
+        "p99",
+        "max"
+    )];
+    for scrape in [false, true] {
+        let ns = Netns::for_load();
+        let d = Daemon::start(
+            &ns,
+            DaemonOpts {
+                config: "[metrics]\nlisten = \"127.0.0.1:9612\"\n".into(),
+                ..Default::default()
+            },
+        );
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::sleep(Duration::from_millis(500));
+        let new0 = new_counter(&ns);
+        let s0 = d.json(&["status"]);
+        let cpu0 = cpu_secs(d.pid());
+        let (cpu1, (lat, failed)) = std::thread::scope(|sc| {
+            let scraper = scrape.then(|| {
+                sc.spawn(|| {
+                    let (mut lat, mut failed) = (Vec::new(), 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        match http_get(&ns, "127.0.0.1:9612", "/metrics", &[]) {
+                            Ok(r) if r.status == 200 => {
+                                lat.push(t.elapsed().as_secs_f64() * 1000.0)
+                            }
+                            _ => failed += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+                    }
+                    (lat, failed)
+                })
+            });
+            load::udp_new_flood(&ns.path(), 1, u64::MAX / 4, Duration::from_secs(a.seconds));
+            let _ = converge(&d, &ns, Instant::now());
+            let cpu1 = cpu_secs(d.pid());
+            stop.store(true, Ordering::Relaxed);
+            (
+                cpu1,
+                scraper
+                    .map(|t| t.join().unwrap_or_default())
+                    .unwrap_or_default(),
+            )
+        });
+        let s1 = d.json(&["status"]);
+        let created = new_counter(&ns) - new0;
+        let ev = |s: &Value, k: &str| s["events"][k].as_u64().unwrap_or(0);
+        let seen = ev(&s1, "new") - ev(&s0, "new");
+        let lost = ev(&s1, "lost") - ev(&s0, "lost");
+        let pct = |p: f64| {
+            let mut v = lat.clone();
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let ms = |p: f64| {
+            if lat.is_empty() {
+                String::new()
+            } else {
+                format!("{:.1}ms", pct(p))
+            }
+        };
+        out.push(format!(
+            "{:<32} {:>9} {:>9} {:>6} {:>8.0} {:>14} {:>10} {:>9} {:>9}",
+            if scrape {
+                "scrape every 100 ms"
+            } else {
+                "alone"
+            },
+            created,
+            seen,
+            lost,
+            (cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1) * 1000.0,
+            if scrape {
+                format!("{} ({failed} failed)", lat.len())
+            } else {
+                String::new()
+            },
+            ms(0.5),
+            ms(0.99),
+            ms(1.0),
         ));
     }
     Ok(out)
@@ -666,6 +788,13 @@ fn main() -> Result<()> {
         println!();
         eprintln!("ctbench: the flood under client load");
         for l in client_load_rows(&a)? {
+            println!("{l}");
+        }
+    }
+    if want("metrics") {
+        println!();
+        eprintln!("ctbench: the flood while /metrics is scraped every 100 ms");
+        for l in metrics_scrape_rows(&a)? {
             println!("{l}");
         }
     }

@@ -10,6 +10,7 @@ use ctwatch_parse::config::Settings;
 
 use crate::history::HistoryConfig;
 use crate::incidents::IncidentConfig;
+use crate::metrics::MetricsConfig;
 use crate::reader::ReaderConfig;
 use crate::server::ServerConfig;
 use crate::stats::Caps;
@@ -36,6 +37,10 @@ pub struct Cli {
     /// Configuration file [default: /etc/ctwatch/ctwatchd.toml, if it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT (e.g. 127.0.0.1:9612): GET /metrics.
+    /// Overrides `[metrics] listen`; off unless one of them is set.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -59,6 +64,12 @@ pub struct Config {
     /// Watch the kernel log for table-full lines, at `kmsg_path`.
     pub kmsg: bool,
     pub kmsg_path: PathBuf,
+    /// The metrics endpoint; `None` when off (the default).
+    pub metrics: Option<MetricsConfig>,
+}
+
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    ctwatch_parse::config::parse_listen(s)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +159,22 @@ impl Config {
             .clone()
             .or(f.socket.as_ref().map(|a| a.value.clone()))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        let m = &f.metrics;
+        let metrics = cli
+            .metrics_listen
+            .or(m.listen.as_ref().map(|a| a.value))
+            .map(|listen| MetricsConfig {
+                listen,
+                bearer_token_file: m.bearer_token_file.clone(),
+                top_k: m.top_k as usize,
+                max_connections: m.max_connections as usize,
+                max_header_bytes: m.max_header_bytes as usize,
+                header_timeout: secs(m.header_timeout_secs),
+                idle_timeout: secs(m.idle_timeout_secs),
+                write_timeout: secs(m.write_timeout_secs),
+            });
         Ok(Config {
+            metrics,
             source,
             reader: ReaderConfig {
                 rcvbuf: f.rcvbuf as usize,
@@ -249,7 +275,12 @@ mod tests {
         let shipped = include_str!("../../packaging/ctwatchd.toml");
         let text: String = shipped
             .lines()
-            .filter(|l| !l.starts_with("#netns"))
+            // Examples, not defaults: they would turn things on.
+            .filter(|l| {
+                !["#netns", "#listen", "#bearer_token_file"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
             .map(|l| match l.strip_prefix('#') {
                 Some(rest)
                     if rest.split('=').next().is_some_and(|k| {
@@ -275,6 +306,17 @@ mod tests {
         );
         assert_eq!(full.log_level, none.log_level);
         assert_eq!((full.kmsg, &full.kmsg_path), (none.kmsg, &none.kmsg_path));
+        assert!(none.metrics.is_none(), "metrics are off by default");
+        let on = |text: &str| {
+            Config::from_text(
+                &Cli::parse_from(["ctwatchd", "--metrics-listen", "127.0.0.1:9612"]),
+                text,
+                None,
+            )
+            .unwrap()
+            .metrics
+        };
+        assert_eq!(format!("{:?}", on(&text)), format!("{:?}", on("")));
         for b in ctwatch_parse::config::BOUNDS {
             let name = b.key.rsplit('.').next().unwrap();
             let documented = format!("{name}: {} to {}", b.min, b.max);
@@ -284,6 +326,22 @@ mod tests {
                 b.key
             );
         }
+    }
+
+    #[test]
+    fn metrics_listen_flag_overrides_the_file_and_turns_metrics_on() {
+        let c = load("[metrics]\ntop_k = 3\n").unwrap();
+        assert!(c.metrics.is_none(), "no listen address: off");
+        let cli = Cli::parse_from(["ctwatchd", "--metrics-listen", "[::1]:9700"]);
+        let c = Config::from_text(
+            &cli,
+            "[metrics]\nlisten = \"127.0.0.1:9612\"\ntop_k = 3\n",
+            None,
+        )
+        .unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!((m.listen.to_string(), m.top_k), ("[::1]:9700".into(), 3));
+        assert!(Cli::try_parse_from(["ctwatchd", "--metrics-listen", "localhost:1"]).is_err());
     }
 
     #[test]

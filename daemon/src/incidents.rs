@@ -115,6 +115,8 @@ pub struct Engine {
     history: Option<HistoryHandle>,
     /// Incidents the writer's queue had no room for, by id: saved at the next turn.
     unsaved: BTreeMap<u64, Incident>,
+    /// Incidents opened by this run, per kind (`Kind as usize`): the metrics' counters.
+    opened: [u64; 2],
 }
 
 fn usage(count: u64, max: u64) -> f64 {
@@ -146,6 +148,7 @@ impl Engine {
             next_id: 1,
             history,
             unsaved: BTreeMap::new(),
+            opened: [0; 2],
         };
         let Some(store) = e.history.as_ref().and_then(|h| h.store()) else {
             return e;
@@ -229,6 +232,12 @@ impl Engine {
     /// The open incidents as they are now (the store may be a few seconds behind).
     pub fn open_incidents(&self) -> Vec<Incident> {
         self.open.iter().flatten().map(|o| o.inc.clone()).collect()
+    }
+
+    /// Incidents opened since the engine started, per kind (indexed by `Kind as usize`);
+    /// those resumed from a previous run are not counted again.
+    pub fn opened(&self) -> [u64; 2] {
+        self.opened
     }
 
     pub fn open_ids(&self) -> Vec<u64> {
@@ -324,6 +333,7 @@ impl Engine {
             ..Default::default()
         };
         self.next_id += 1;
+        self.opened[slot] += 1;
         if slot == INSERT_RACE {
             warn!(
                 message_id = message_id::INSERT_RACE_OPENED,

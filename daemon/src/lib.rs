@@ -7,7 +7,9 @@
 //! - the **kernel-log watcher** (`kmsg`): table-full lines for the monitor;
 //! - the **history writer** (`history::writer`): the store's only writer;
 //! - the **server** (`server`), on the async runtime at a lower priority: answers `ctctl`
-//!   from what the others publish.
+//!   from what the others publish;
+//! - the **metrics endpoint** (`metrics`, opt-in), on the same runtime: Prometheus scrapes,
+//!   rendered from the same publications.
 //!
 //! Any of the threads dying ends the daemon with an error (`supervise`), so that systemd
 //! restarts it. `main.rs` only parses flags, sets up logging, enters the network namespace and
@@ -22,6 +24,7 @@ pub mod fold;
 pub mod history;
 pub mod incidents;
 pub mod kmsg;
+pub mod metrics;
 pub mod monitor;
 pub mod notify;
 pub mod reader;
@@ -167,6 +170,32 @@ pub async fn run(
         None => None,
     };
     let listener = server::bind(&config.server, gid)?;
+    let clients = Arc::new(server::ClientCounters::default());
+    // Bound before READY=1: a wrong address or token file stops the start, with the reason.
+    let metrics = match config.metrics.clone() {
+        Some(mcfg) => Some(
+            metrics::MetricsServer::bind(
+                mcfg,
+                metrics::Sources {
+                    reader: handle.clone(),
+                    kernel: kernel.clone(),
+                    monitor: monitor.clone(),
+                    history: history.clone(),
+                    kmsg: kmsg_stats.clone(),
+                    health: health.clone(),
+                    dns: config.reader.dns,
+                    clients: clients.clone(),
+                    start_unix: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0)
+                        - started.elapsed().as_secs_f64(),
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let srv = server::Server::new(
         listener,
         config.server.clone(),
@@ -186,7 +215,7 @@ pub async fn run(
             dns: config.reader.dns,
             streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
             max_streams: config.server.max_streams,
-            clients: Default::default(),
+            clients,
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");
@@ -198,6 +227,7 @@ pub async fn run(
 
     let stop_server = CancellationToken::new();
     let server_task = tokio::spawn(srv.run(stop_server.clone()));
+    let metrics_task = metrics.map(|m| tokio::spawn(m.run(stop_server.clone())));
     let watchdog = tokio::spawn(watchdog(handle.clone(), kernel, stop_server.clone()));
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -207,6 +237,9 @@ pub async fn run(
     notify::notify("STOPPING=1");
     stop_server.cancel();
     let _ = server_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     watchdog.abort();
     // The reader hands its last bucket to the writer; the monitor its incidents; then the
     // writer finishes what is queued and flushes.

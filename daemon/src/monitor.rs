@@ -116,6 +116,8 @@ pub struct MonitorHandle {
     tx: SyncSender<Msg>,
     /// The open incidents, as of the monitor's last turn.
     pub open: Arc<ArcSwap<Vec<Incident>>>,
+    /// Incidents opened since start, per kind (`incidents::Kind as usize`).
+    pub opened: Arc<[AtomicU64; 2]>,
 }
 
 impl MonitorHandle {
@@ -138,6 +140,7 @@ pub struct Monitor {
     /// Kept so the channel never disconnects (the kernel-log watcher may never start).
     _tx: SyncSender<Msg>,
     open: Arc<ArcSwap<Vec<Incident>>>,
+    opened: Arc<[AtomicU64; 2]>,
     health: Arc<Health>,
     last_poll: Option<Instant>,
     last_engine: Option<Instant>,
@@ -160,9 +163,11 @@ impl Monitor {
     ) -> (Monitor, MonitorHandle) {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let open = Arc::new(ArcSwap::from_pointee(engine.open_incidents()));
+        let opened = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let handle = MonitorHandle {
             tx: tx.clone(),
             open: open.clone(),
+            opened: opened.clone(),
         };
         (
             Monitor {
@@ -173,6 +178,7 @@ impl Monitor {
                 rx,
                 _tx: tx,
                 open,
+                opened,
                 health,
                 last_poll: None,
                 last_engine: None,
@@ -253,6 +259,9 @@ impl Monitor {
 
     fn publish_incidents(&mut self) {
         self.engine.retry_saves();
+        for (n, a) in self.engine.opened().iter().zip(self.opened.iter()) {
+            a.store(*n, Ordering::Relaxed);
+        }
         let open = self.engine.open_incidents();
         if **self.open.load() != open {
             self.open.store(Arc::new(open));

@@ -3,6 +3,7 @@
 //! key are rejected with the line and the bound. [`BOUNDS`] is that documentation's source: a
 //! test checks that the shipped file states each bound.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -63,6 +64,12 @@ pub const WINDOW_KEYS: Bound = b("history.window_keys", 16_384, 1, 1 << 20);
 pub const MAX_DISK_MB: Bound = b("history.max_disk_mb", 512, 16, 1 << 20);
 pub const QUIET_SECS: Bound = b("incidents.quiet_secs", 60, 1, 86_400);
 pub const INCIDENT_DAYS: Bound = b("incidents.retention_days", 90, 1, 3650);
+pub const METRICS_TOP_K: Bound = b("metrics.top_k", 20, 1, 1000);
+pub const METRICS_CONNECTIONS: Bound = b("metrics.max_connections", 8, 1, 256);
+pub const METRICS_HEADER_BYTES: Bound = b("metrics.max_header_bytes", 8192, 1024, 65_536);
+pub const METRICS_HEADER_SECS: Bound = b("metrics.header_timeout_secs", 5, 1, 300);
+pub const METRICS_IDLE_SECS: Bound = b("metrics.idle_timeout_secs", 120, 1, 3600);
+pub const METRICS_WRITE_SECS: Bound = b("metrics.write_timeout_secs", 10, 1, 300);
 
 /// Every integer key with its bounds, for the shipped file's documentation test.
 pub const BOUNDS: &[Bound] = &[
@@ -94,6 +101,12 @@ pub const BOUNDS: &[Bound] = &[
     MAX_DISK_MB,
     QUIET_SECS,
     INCIDENT_DAYS,
+    METRICS_TOP_K,
+    METRICS_CONNECTIONS,
+    METRICS_HEADER_BYTES,
+    METRICS_HEADER_SECS,
+    METRICS_IDLE_SECS,
+    METRICS_WRITE_SECS,
 ];
 
 type S<T> = Option<Spanned<T>>;
@@ -116,6 +129,8 @@ struct FileConfig {
     incidents: IncidentsSection,
     #[serde(default)]
     dns: DnsSection,
+    #[serde(default)]
+    metrics: MetricsSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +192,32 @@ struct IncidentsSection {
     kmsg_path: S<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: S<String>,
+    bearer_token_file: S<PathBuf>,
+    top_k: S<u64>,
+    max_connections: S<u64>,
+    max_header_bytes: S<u64>,
+    header_timeout_secs: S<u64>,
+    idle_timeout_secs: S<u64>,
+    write_timeout_secs: S<u64>,
+}
+
+/// The `[metrics]` section: the HTTP endpoint is off unless `listen` is set (here or by flag).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsSettings {
+    pub listen: Option<At<SocketAddr>>,
+    pub bearer_token_file: Option<PathBuf>,
+    pub top_k: u64,
+    pub max_connections: u64,
+    pub max_header_bytes: u64,
+    pub header_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+}
+
 /// A value and the line it came from (`None`: the default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct At<T> {
@@ -228,6 +269,7 @@ pub struct Settings {
     pub kmsg_path: PathBuf,
     /// Follow DNS queries' replies (the UPDATE events of DNS entries).
     pub dns: bool,
+    pub metrics: MetricsSettings,
 }
 
 pub const DEFAULT_THRESHOLDS: [f64; 3] = [80.0, 90.0, 95.0];
@@ -359,6 +401,27 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         }
     };
     nonempty(&f.socket, "socket")?;
+    let m = &f.metrics;
+    let listen = match &m.listen {
+        None => None,
+        Some(s) => match parse_listen(s.get_ref()) {
+            Ok(a) => Some(At {
+                value: a,
+                line: Some(c.line(s)),
+            }),
+            Err(why) => return Err(c.err(Some(s), "metrics.listen", why)),
+        },
+    };
+    let metrics = MetricsSettings {
+        listen,
+        bearer_token_file: nonempty(&m.bearer_token_file, "metrics.bearer_token_file")?,
+        top_k: c.int(METRICS_TOP_K, &m.top_k)?,
+        max_connections: c.int(METRICS_CONNECTIONS, &m.max_connections)?,
+        max_header_bytes: c.int(METRICS_HEADER_BYTES, &m.max_header_bytes)?,
+        header_timeout_secs: c.int(METRICS_HEADER_SECS, &m.header_timeout_secs)?,
+        idle_timeout_secs: c.int(METRICS_IDLE_SECS, &m.idle_timeout_secs)?,
+        write_timeout_secs: c.int(METRICS_WRITE_SECS, &m.write_timeout_secs)?,
+    };
     Ok(Settings {
         socket: c.at(&f.socket),
         socket_group: f.socket_group.as_ref().map(|s| s.get_ref().clone()),
@@ -401,7 +464,21 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         kmsg_path: nonempty(&i.kmsg_path, "incidents.kmsg_path")?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_KMSG_PATH)),
         dns: f.dns.enabled.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
+        metrics,
     })
+}
+
+/// The metrics endpoint's address: `ADDR:PORT` with a literal address (`127.0.0.1:9612`,
+/// `[::1]:9612`, `0.0.0.0:9612`) and a port other than 0. Host names are refused: the daemon
+/// binds before any resolver could be trusted, and the address decides who can scrape.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = s.trim().parse().map_err(|_| {
+        format!("`{s}` is not ADDR:PORT with a literal address (e.g. 127.0.0.1:9612 or [::1]:9612)")
+    })?;
+    if a.port() == 0 {
+        return Err("the port must not be 0".into());
+    }
+    Ok(a)
 }
 
 impl Default for Settings {
@@ -476,6 +553,35 @@ mod tests {
         assert_eq!(e.line, Some(3));
         assert!(parse("socket = \"\"\n").is_err());
         assert!(parse("[incidents]\nthresholds_pct = [0.5]\n").is_err());
+    }
+
+    #[test]
+    fn metrics_section() {
+        let s = Settings::default();
+        assert_eq!(s.metrics.listen, None, "off by default");
+        assert_eq!(s.metrics.top_k, 20);
+        let s = parse("[metrics]\nlisten = \"[::1]:9612\"\ntop_k = 5\n").unwrap();
+        assert_eq!(
+            s.metrics.listen.map(|a| (a.value.to_string(), a.line)),
+            Some(("[::1]:9612".into(), Some(2)))
+        );
+        assert_eq!(s.metrics.top_k, 5);
+        for bad in ["localhost:9612", "127.0.0.1", "127.0.0.1:0", ""] {
+            let e = parse(&format!("[metrics]\nlisten = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(
+                (e.key, e.line),
+                (Some("metrics.listen"), Some(2)),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse("[metrics]\ntop_k = 0\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2: metrics.top_k: 0 is out of bounds: must be from 1 to 1000"
+        );
+        assert!(parse("[metrics]\nmax_header_bytes = 100\n").is_err());
+        assert!(parse("[metrics]\nbearer_token_file = \"\"\n").is_err());
+        assert!(parse("[metrics]\nport = 1\n").is_err(), "unknown key");
     }
 
     #[test]

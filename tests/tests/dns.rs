@@ -11,6 +11,8 @@ use ctwatch_tests::support::*;
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
+/// The metrics endpoint, inside the test's namespace.
+const METRICS: &str = "127.0.0.1:9612";
 
 /// A namespace with a Service-like VIP (10.96.0.10:53) DNAT'd in turn to two backends on
 /// loopback, 127.0.0.2:53 and 127.0.0.3:53.
@@ -59,7 +61,9 @@ fn a_dead_backend_behind_a_vip_stands_out() {
     let dir = TempDir::new("dns-dead");
     let state = dir.path().join("state");
     let opts = || DaemonOpts {
-        config: "[history]\nbucket_secs = 1\nrollup_secs = 10\n".into(),
+        config: format!(
+            "[history]\nbucket_secs = 1\nrollup_secs = 10\n[metrics]\nlisten = \"{METRICS}\"\n"
+        ),
         state_dir: Some(state.clone()),
         ..Default::default()
     };
@@ -146,6 +150,34 @@ fn a_dead_backend_behind_a_vip_stands_out() {
         assert!(
             s["dns"]["updates"].as_u64() >= Some(90),
             "first replies arrived as updates: {s}"
+        );
+        // The metrics say what Status says (the daemon's figures since start), once no query
+        // awaits its outcome.
+        let s = wait_for("every outcome known", Duration::from_secs(5), || {
+            let s = d.json(&["status"]);
+            (s["dns"]["pending"] == 0).then_some(s)
+        });
+        let scrape = http_get(&ns, METRICS, "/metrics", &[]).unwrap().text();
+        for (outcome, field) in [
+            ("answered", "answered"),
+            ("unanswered", "unanswered"),
+            ("late", "late_answered"),
+        ] {
+            let series = format!("ctwatch_dns_queries_total{{outcome=\"{outcome}\"}} ");
+            let v = scrape
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in\n{scrape}"));
+            assert_eq!(
+                Some(v.parse::<u64>().unwrap()),
+                s["dns"][field].as_u64(),
+                "{outcome}"
+            );
+        }
+        // The dead backend's 100, and maybe a query or two sent before the live one listened.
+        assert!(
+            (100..=105).contains(&s["dns"]["unanswered"].as_u64().unwrap()),
+            "{s}"
         );
     });
     // After the fact, from the stored buckets: a restarted daemon tells the same story.

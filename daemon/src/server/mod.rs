@@ -14,7 +14,8 @@
 //! Method dispatch lives in `handlers`.
 
 mod handlers;
-mod slots;
+/// Connection slots, shared with the metrics endpoint.
+pub(crate) mod slots;
 mod watch;
 
 use std::io;

@@ -604,6 +604,7 @@ fn publish_dim<K: std::hash::Hash + Eq + Copy, V>(
     out.other_live = table.other_live;
     out.other_new = table.other_new;
     out.folded = table.folded;
+    out.created = table.created;
     out.window.clear();
     out.window.extend(window.map.iter().map(|(k, a)| (*k, *a)));
     out.window_other = window.other;

@@ -1,7 +1,7 @@
 //! What the reader publishes: an immutable copy of the live picture (live entries and the
 //! creation counter of every tracked key, and the open history bucket's activity) and of its
 //! own counters, taken every ~100 ms. Every client — `Status`, `Top`, `Query`'s open bucket,
-//! the incident engine, and later the metrics endpoint and `top --watch` — reads a snapshot on
+//! the incident engine, the metrics endpoint, and later `top --watch` — reads a snapshot on
 //! its own thread; none of them ever asks the reader anything.
 //!
 //! A snapshot holds only plain keys and counts (no strings): rows are built for the few keys a
@@ -41,6 +41,8 @@ pub struct DimSnap<K> {
     pub other_new: u32,
     /// Keys folded into `(other)` since start because the cap was reached.
     pub folded: u64,
+    /// Entries created under any key of the dimension since start, `(other)` included.
+    pub created: u64,
     /// Activity of the open history bucket, per key with activity of its own.
     pub window: Vec<(K, Act)>,
     pub window_other: Act,
@@ -55,6 +57,7 @@ impl<K> Default for DimSnap<K> {
             other_live: 0,
             other_new: 0,
             folded: 0,
+            created: 0,
             window: Vec::new(),
             window_other: Act::default(),
             window_other_keys: 0,

@@ -33,6 +33,9 @@ pub struct Table<K, V> {
     pub other_new: u32,
     /// Times a key was folded into `(other)` because the table was full.
     pub folded: u64,
+    /// Entries created under any key, `(other)` included, since the table was made: the sum
+    /// that the per-slot `new` counters (which restart with their slot) cannot give.
+    pub created: u64,
 }
 
 impl<K: Hash + Eq + Copy, V> Table<K, V> {
@@ -47,6 +50,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
             other_live: 0,
             other_new: 0,
             folded: 0,
+            created: 0,
         }
     }
 
@@ -113,6 +117,7 @@ impl<K: Hash + Eq + Copy, V> Table<K, V> {
     /// Counts a created entry (NEW, or one a gap-filling dump found) for the slot's rate.
     #[inline]
     pub fn count_new(&mut self, i: u32) {
+        self.created += 1;
         if i == OTHER {
             self.other_new = self.other_new.wrapping_add(1);
         } else {

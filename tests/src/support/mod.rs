@@ -3,16 +3,20 @@
 pub mod clients;
 mod daemon;
 mod fs;
+mod http;
 pub mod load;
 mod max;
 mod netns;
+mod prometheus;
 mod traffic;
 mod varlink;
 
 pub use daemon::{ctctl, ctctl_json, target_bin, Daemon, DaemonOpts, TempDir};
 pub use fs::{fill, Tmpfs};
+pub use http::{http_get, parse_response, url_encode, HttpResponse};
 pub use max::ConntrackMax;
 pub use netns::{kernel_services, Netns};
+pub use prometheus::{which, Prometheus};
 pub use traffic::{tcp_conns, udp_flows, udp_flows_from_one};
 pub use varlink::Varlink;
 
