@@ -234,10 +234,13 @@ say "journal has structured fields"
 printf '[history]\nbucket_secs = 1\nrollup_secs = 10\n' | in_root tee /etc/ctwatch/ctwatchd.toml >/dev/null
 in_root systemctl restart ctwatchd
 wait_for 20 "ctctl status to answer after the restart" answers
+# 25 flows: the sockets stay open until all have sent, so no two share a source port (a port
+# freed and picked again would make two datagrams one entry, and 24 entries).
 in_root python3 -c '
 import socket
-for i in range(25):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b"x", ("127.0.0.1", 5353)); s.close()
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for i in range(25)]
+for s in socks:
+    s.sendto(b"x", ("127.0.0.1", 5353))
 '
 has_25() { in_root ctctl query --since 5m --port 5353 --json | json 'sum(r["new"] for r in d) == 25'; }
 written() { in_root ctctl status --json | json 'd["history"]["buckets_written"] >= 1'; }
