@@ -26,6 +26,7 @@ pub mod incidents;
 pub mod kmsg;
 pub mod metrics;
 pub mod monitor;
+pub mod netns;
 pub mod notify;
 pub mod reader;
 pub mod server;
