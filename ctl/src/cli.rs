@@ -41,6 +41,8 @@ pub enum Command {
     Advise(AdviseArgs),
     /// DNS as conntrack sees it: who asks, who answers, who does not; insert races
     Dns(DnsArgs),
+    /// Every network namespace followed, fullest first: its count, limit, top service, name.
+    Netns(NetnsArgs),
     /// Writes the man page or a shell completion to stdout (for packaging).
     #[command(hide = true)]
     Generate {
@@ -50,10 +52,21 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct NetnsArgs {
+    /// Show at most this many.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub limit: u64,
+}
+
+#[derive(Debug, Args)]
 pub struct AdviseArgs {
     /// Headroom above the observed peak for nf_conntrack_max, in percent.
     #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_headroom)]
     pub headroom: f64,
+    /// Which network namespace (with ctwatchd --all-netns): its number, ip netns name or
+    /// name (see ctctl netns) [default: the daemon's own].
+    #[arg(long, value_name = "ID|NAME")]
+    pub netns: Option<String>,
 }
 
 fn parse_headroom(s: &str) -> Result<f64, String> {
@@ -72,6 +85,10 @@ pub struct IncidentsArgs {
     /// Show at most this many, newest first.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub limit: u64,
+    /// Only this network namespace's: its number, ip netns name or name [default: every
+    /// namespace's].
+    #[arg(long, value_name = "ID|NAME")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +102,10 @@ pub struct DnsArgs {
     /// Rows per table.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub limit: u64,
+    /// Which network namespace (with ctwatchd --all-netns): its number, ip netns name or
+    /// name (see ctctl netns) [default: the daemon's own].
+    #[arg(long, value_name = "ID|NAME")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +144,10 @@ pub struct QueryArgs {
     /// A time series per key, one point per this long (5m, 1h).
     #[arg(long, value_name = "DURATION")]
     pub step: Option<String>,
+    /// Which network namespace (with ctwatchd --all-netns): its number, ip netns name or
+    /// name (see ctctl netns) [default: the daemon's own]; all: every namespace, each row with its own.
+    #[arg(long, value_name = "ID|NAME|all")]
+    pub netns: Option<String>,
 }
 
 fn parse_cidr(s: &str) -> Result<String, String> {
@@ -153,6 +178,10 @@ pub struct TopArgs {
     /// Stop --watch after this many frames (across reconnects).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "watch")]
     pub count: Option<u64>,
+    /// Which network namespace (with ctwatchd --all-netns): its number, ip netns name or
+    /// name (see ctctl netns) [default: the daemon's own]; all: every namespace, each row with its own (not with --watch).
+    #[arg(long, value_name = "ID|NAME|all")]
+    pub netns: Option<String>,
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {

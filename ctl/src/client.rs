@@ -80,6 +80,7 @@ impl Client {
                     "ctwatchd gave up: {}; try a narrower request",
                     field("reason")
                 ),
+                errors::NO_SUCH_NETNS => field("reason"),
                 errors::NO_SUCH_INCIDENT => format!(
                     "no incident {} (see ctctl incidents)",
                     p.get("id").cloned().unwrap_or_default()

@@ -178,6 +178,7 @@ fn run(cli: &Cli) -> Result<()> {
                 "proto": a.proto,
                 "port": a.port,
                 "interval_ms": (a.interval * 1000.0).round() as u64,
+                "netns": a.netns,
             }));
             let by = a.by;
             return watch::run(
@@ -216,6 +217,7 @@ fn run(cli: &Cli) -> Result<()> {
                 "limit": a.limit,
                 "proto": a.proto,
                 "port": a.port,
+                "netns": a.netns,
             }));
             let v = client.call("io.ctwatch.Top", p)?;
             let r: TopReply =
@@ -238,6 +240,7 @@ fn run(cli: &Cli) -> Result<()> {
                 "dst": q.dst,
                 "top": q.top,
                 "step": step,
+                "netns": q.netns,
             }));
             let v = client.call("io.ctwatch.Query", p)?;
             let r: QueryReply =
@@ -263,6 +266,7 @@ fn run(cli: &Cli) -> Result<()> {
                     "since": incidents_since.map(|t| t.max(0)),
                     "before": before,
                     "limit": (limit - list.len()).min(ctwatch_proto::MAX_INCIDENTS_PAGE),
+                    "netns": a.netns,
                 }));
                 let v = client.call("io.ctwatch.Incidents", p)?;
                 let page: Vec<Incident> = serde_json::from_value(v["incidents"].clone())
@@ -284,7 +288,11 @@ fn run(cli: &Cli) -> Result<()> {
             // The daemon runs unprivileged and may not read /proc/slabinfo; root running ctctl can.
             let v = client.call(
                 "io.ctwatch.Advise",
-                params(json!({ "headroom_pct": a.headroom, "object_size": slab_object_size() })),
+                params(json!({
+                    "headroom_pct": a.headroom,
+                    "object_size": slab_object_size(),
+                    "netns": a.netns,
+                })),
             )?;
             let r: AdviceReply =
                 serde_json::from_value(v["advice"].clone()).context("unexpected Advise reply")?;
@@ -298,7 +306,12 @@ fn run(cli: &Cli) -> Result<()> {
             let (since, until) = dns_window.expect("parsed above");
             let v = client.call(
                 "io.ctwatch.Dns",
-                params(json!({ "since": since, "until": until, "limit": a.limit })),
+                params(json!({
+                    "since": since,
+                    "until": until,
+                    "limit": a.limit,
+                    "netns": a.netns,
+                })),
             )?;
             let r: ctwatch_proto::DnsReply =
                 serde_json::from_value(v["dns"].clone()).context("unexpected Dns reply")?;
@@ -306,6 +319,17 @@ fn run(cli: &Cli) -> Result<()> {
                 emit_json(&r)
             } else {
                 emit(&render::dns(&r))
+            }
+        }
+        Command::Netns(a) => {
+            let v = client.call("io.ctwatch.Netns", params(json!({ "limit": a.limit })))?;
+            let list: Vec<ctwatch_proto::NetnsEntry> =
+                serde_json::from_value(v["namespaces"].clone())
+                    .context("unexpected Netns reply")?;
+            if cli.json {
+                emit_json(&list)
+            } else {
+                emit(&render::netns(&list))
             }
         }
         Command::Incident(a) => {

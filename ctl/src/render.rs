@@ -100,7 +100,10 @@ pub fn key_cells(by: Dimension, r: &impl KeyedRow, other: &str) -> Vec<String> {
         .iter()
         .enumerate()
         .map(|(i, &f)| {
-            let v = r.key_field(f).unwrap_or_default();
+            let mut v = r.key_field(f).unwrap_or_default();
+            if let Some(name) = r.field_name(f) {
+                let _ = write!(v, " ({name})");
+            }
             match (r.zone(), Some(i) == last_addr) {
                 (Some(z), true) => format!("{v} (zone {z})"),
                 _ => v,
@@ -109,12 +112,47 @@ pub fn key_cells(by: Dimension, r: &impl KeyedRow, other: &str) -> Vec<String> {
         .collect()
 }
 
+/// A NETNS column, for rows of several namespaces: the namespace's name, or its number.
+fn netns_cell(r: &impl KeyedRow) -> String {
+    match r.netns() {
+        (_, Some(name)) => name,
+        (Some(id), None) => id.to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+/// Whether rows come from more than one namespace.
+fn several_netns<'a, R: KeyedRow + 'a>(rows: impl IntoIterator<Item = &'a R>) -> bool {
+    let mut first = None;
+    for r in rows {
+        if let (Some(id), _) = r.netns() {
+            match first {
+                None => first = Some(id),
+                Some(f) if f != id => return true,
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
 pub fn top(r: &TopReply, by: Dimension) -> String {
-    let mut cols = key_columns(by);
+    let many = several_netns(&r.entries);
+    let mut cols = if many {
+        vec![("NETNS", false)]
+    } else {
+        Vec::new()
+    };
+    cols.extend(key_columns(by));
     cols.extend([("LIVE", true), ("SHARE", true)]);
     let mut t = Table::new(&cols);
     for e in &r.entries {
-        let mut cells = key_cells(by, e, "(other)");
+        let mut cells = if many {
+            vec![netns_cell(e)]
+        } else {
+            Vec::new()
+        };
+        cells.extend(key_cells(by, e, "(other)"));
         cells.extend([e.live.to_string(), pct(e.share_pct)]);
         t.row(cells);
     }
@@ -281,6 +319,28 @@ pub fn status(s: &StatusReply) -> String {
                 .unwrap_or_default()
         ),
     ));
+    let n = &s.namespaces;
+    if n.all {
+        let fullest = n
+            .fullest
+            .as_ref()
+            .map(|f| {
+                format!(
+                    "; fullest {} ({}) at {:.2}%",
+                    f.netns_id,
+                    f.name.as_deref().unwrap_or("-"),
+                    f.usage_pct
+                )
+            })
+            .unwrap_or_default();
+        rows.push((
+            "namespaces",
+            format!(
+                "{} followed, {} not followed, {} with nothing tracked{fullest} (ctctl netns)",
+                n.followed, n.untracked, n.tracked_nothing
+            ),
+        ));
+    }
     let c = &s.clients;
     rows.push((
         "clients",
@@ -330,7 +390,13 @@ pub fn sparkline(values: &[Option<f64>]) -> String {
 }
 
 pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
-    let mut cols = key_columns(by);
+    let many = several_netns(&r.rows);
+    let mut cols = if many {
+        vec![("NETNS", false)]
+    } else {
+        Vec::new()
+    };
+    cols.extend(key_columns(by));
     cols.extend([
         ("NEW", true),
         ("DESTROYED", true),
@@ -343,7 +409,16 @@ pub fn query(r: &QueryReply, by: Dimension, since: i64, until: i64) -> String {
     }
     let mut t = Table::new(&cols);
     for row in &r.rows {
-        let mut cells = key_cells(by, row, &format!("(other: {} keys)", row.keys.unwrap_or(0)));
+        let mut cells = if many {
+            vec![netns_cell(row)]
+        } else {
+            Vec::new()
+        };
+        cells.extend(key_cells(
+            by,
+            row,
+            &format!("(other: {} keys)", row.keys.unwrap_or(0)),
+        ));
         cells.extend([
             row.new.to_string(),
             row.destroyed.to_string(),
@@ -383,8 +458,14 @@ pub fn incidents(list: &[Incident]) -> String {
     if list.is_empty() {
         return "no incidents\n".into();
     }
-    let mut t = Table::new(&[
-        ("ID", true),
+    // A NETNS column once incidents of more than one namespace are listed.
+    let first = list[0].netns_id;
+    let many = list.iter().any(|i| i.netns_id != first);
+    let mut cols = vec![("ID", true)];
+    if many {
+        cols.push(("NETNS", false));
+    }
+    cols.extend([
         ("KIND", false),
         ("START", false),
         ("END", false),
@@ -392,20 +473,106 @@ pub fn incidents(list: &[Incident]) -> String {
         ("PEAK", true),
         ("TOP SERVICE", false),
     ]);
+    let mut t = Table::new(&cols);
     for i in list {
         let top = i
             .top_services
             .first()
-            .map(|e| format!("{} ({} live)", service_label(e), e.live))
+            .map(|e| {
+                let name = e
+                    .dst_name
+                    .as_ref()
+                    .map(|n| format!(" {n}"))
+                    .unwrap_or_default();
+                format!("{}{name} ({} live)", service_label(e), e.live)
+            })
             .unwrap_or_default();
-        t.row(vec![
-            i.id.to_string(),
+        let mut row = vec![i.id.to_string()];
+        if many {
+            row.push(
+                i.netns_name
+                    .clone()
+                    .or(i.netns_id.map(|n| n.to_string()))
+                    .unwrap_or_default(),
+            );
+        }
+        row.extend([
             i.kind.clone(),
             i.start.clone(),
             i.end.clone().unwrap_or_else(|| "open".into()),
             i.dropped.to_string(),
             pct(i.peak_usage_pct),
             top,
+        ]);
+        t.row(row);
+    }
+    t.render()
+}
+
+/// `ctctl netns`: one row per namespace.
+pub fn netns(list: &[ctwatch_proto::NetnsEntry]) -> String {
+    if list.is_empty() {
+        return "no network namespaces\n".into();
+    }
+    let mut t = Table::new(&[
+        ("NETNS", true),
+        ("NAME", false),
+        ("COUNT", true),
+        ("MAX", true),
+        ("USAGE", true),
+        ("TOP SERVICE", false),
+        ("NOTE", false),
+    ]);
+    for n in list {
+        let name = match (&n.name, &n.name_kind) {
+            (Some(name), Some(k)) if k != "netns" && k != "host" => format!("{name} ({k})"),
+            (Some(name), _) => name.clone(),
+            (None, _) => "-".into(),
+        };
+        let top = n
+            .top_services
+            .iter()
+            .find(|e| e.other.is_none())
+            .map(|e| {
+                let name = e
+                    .dst_name
+                    .as_ref()
+                    .map(|n| format!(" {n}"))
+                    .unwrap_or_default();
+                format!("{}{name} ({})", service_label(e), e.live)
+            })
+            .unwrap_or_default();
+        let note = if !n.followed {
+            format!("not followed: {}", n.why.clone().unwrap_or_default())
+        } else if n.tracked_nothing {
+            "nothing tracked since followed (conntrack off here?)".into()
+        } else if !n.incidents_open.is_empty() {
+            format!(
+                "incident {} open",
+                n.incidents_open
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if n.primary {
+            "ctwatchd's own".into()
+        } else {
+            String::new()
+        };
+        let (count, max, usage) = if n.followed {
+            (n.count.to_string(), n.max.to_string(), pct(n.usage_pct))
+        } else {
+            ("-".into(), "-".into(), "-".into())
+        };
+        t.row(vec![
+            n.netns_id.to_string(),
+            name,
+            count,
+            max,
+            usage,
+            top,
+            note,
         ]);
     }
     t.render()
@@ -492,8 +659,17 @@ pub fn incident(i: &Incident) -> String {
         "peak        {} of {} entries ({:.2}%)",
         i.peak_count, i.max, i.peak_usage_pct
     );
-    if let Some(ns) = &i.netns {
-        let _ = writeln!(out, "netns       {ns}");
+    match (i.netns_id, &i.netns_name, &i.netns) {
+        (Some(id), Some(name), _) => {
+            let _ = writeln!(out, "netns       {id} ({name})");
+        }
+        (Some(id), None, _) => {
+            let _ = writeln!(out, "netns       {id}");
+        }
+        (None, _, Some(ns)) => {
+            let _ = writeln!(out, "netns       {ns}");
+        }
+        _ => {}
     }
     snapshot(&mut out, "when it opened", &i.at_open);
     snapshot(&mut out, "at its peak", &i.at_peak);

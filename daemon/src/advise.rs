@@ -488,17 +488,34 @@ pub const TIMEOUT_SYSCTLS: [&str; 6] = [
     "udp_timeout_stream",
 ];
 
-/// Peak count and lifetimes from history, and how far back it reaches.
-fn from_history(h: &HistoryHandle, now: u64) -> (Option<(u64, u64)>, u64, [u64; LIFETIME_BINS]) {
+/// Peak count and lifetimes from history, and how far back it reaches, for namespace `netns`
+/// (0: the daemon's own).
+fn from_history(
+    h: &HistoryHandle,
+    now: u64,
+    netns: u64,
+) -> (Option<(u64, u64)>, u64, [u64; LIFETIME_BINS]) {
     let mut peak: Option<(u64, u64)> = None;
     let mut oldest = now;
     let mut life = [0u64; LIFETIME_BINS];
     let Some(store) = h.store() else {
         return (None, 0, life);
     };
+    let dim = if netns == 0 {
+        TABLE_DIM
+    } else {
+        record::NETNS_TABLE_DIM
+    };
     for tier in [Tier::Coarse, Tier::Fine] {
-        for (t, blob) in store.range(tier, TABLE_DIM, 0, now + 1).unwrap_or_default() {
-            if let Ok(tc) = record::decode_table(&blob) {
+        for (t, blob) in store.range(tier, dim, 0, now + 1).unwrap_or_default() {
+            let tc = if netns == 0 {
+                record::decode_table(&blob).ok()
+            } else {
+                record::decode_netns_tables(&blob)
+                    .ok()
+                    .and_then(|l| l.into_iter().find(|(n, _)| *n == netns).map(|(_, t)| t))
+            };
+            if let Some(tc) = tc {
                 oldest = oldest.min(t);
                 if peak.is_none_or(|p| tc.count_max > p.0) {
                     peak = Some((tc.count_max, t));
@@ -508,7 +525,10 @@ fn from_history(h: &HistoryHandle, now: u64) -> (Option<(u64, u64)>, u64, [u64; 
     }
     // Lifetimes from the fine buckets (the service dimension sees every destroyed entry).
     for (_, blob) in store.range(Tier::Fine, 0, 0, now + 1).unwrap_or_default() {
-        for (_, c) in record::decode_keys(&blob).unwrap_or_default() {
+        for (k, c) in record::decode_keys(&blob).unwrap_or_default() {
+            if k.netns != netns {
+                continue;
+            }
             let c: Counts = c;
             for (a, b) in life.iter_mut().zip(c.lifetime.iter()) {
                 *a += b;
@@ -551,12 +571,15 @@ impl Cache {
 
     /// The facts, from the cache or a new census (run on the blocking pool). A census that
     /// outlives the caller's deadline still completes and fills the cache.
+    /// `target`: another namespace (its file and inode), whose census is not cached.
     pub async fn facts(
         &self,
         history: Option<HistoryHandle>,
         deadline: std::time::Instant,
+        target: Option<(std::sync::Arc<std::fs::File>, u64)>,
     ) -> Result<std::sync::Arc<Inputs>, String> {
-        if let Some(i) = self.fresh() {
+        let cached = target.is_none();
+        if let Some(i) = self.fresh().filter(|_| cached) {
             return Ok(i);
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -564,15 +587,30 @@ impl Cache {
             Ok(Ok(p)) => p,
             _ => return Err("busy: a census of the table is still running; try again".into()),
         };
-        if let Some(i) = self.fresh() {
+        if let Some(i) = self.fresh().filter(|_| cached) {
             return Ok(i);
         }
         let slot = self.slot.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let i = std::sync::Arc::new(gather(history.as_ref()).map_err(|e| e.to_string())?);
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((std::time::Instant::now(), i.clone()));
+            let gathered = match &target {
+                None => gather(history.as_ref(), 0),
+                Some((file, id)) => {
+                    let h = history.clone();
+                    let id = *id;
+                    crate::netns::in_netns(file, move || gather(h.as_ref(), id))
+                        .map_err(|source| crate::conntrack::NetlinkError::Io {
+                            what: "entering the network namespace",
+                            source,
+                        })
+                        .and_then(|r| r)
+                }
+            };
+            let i = std::sync::Arc::new(gathered.map_err(|e| e.to_string())?);
+            if cached {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((std::time::Instant::now(), i.clone()));
+            }
             Ok(i)
         });
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -587,7 +625,10 @@ impl Cache {
 /// Collects the facts: a fresh dump of the table (on its own socket), the system's figures and
 /// the history. Blocking; run off the async runtime. The caller adds the top services and the
 /// headroom.
-pub fn gather(history: Option<&HistoryHandle>) -> Result<Inputs, crate::conntrack::NetlinkError> {
+pub fn gather(
+    history: Option<&HistoryHandle>,
+    netns: u64,
+) -> Result<Inputs, crate::conntrack::NetlinkError> {
     let mut req = crate::conntrack::RequestSocket::open()?;
     let stats = req.stats()?;
     let mut census = Census::default();
@@ -602,7 +643,7 @@ pub fn gather(history: Option<&HistoryHandle>) -> Result<Inputs, crate::conntrac
         .unwrap_or(0);
     let (peak, history_secs, lifetime) =
         history
-            .map(|h| from_history(h, now))
+            .map(|h| from_history(h, now, netns))
             .unwrap_or((None, 0, [0; LIFETIME_BINS]));
     // The table now is an observation too (history lags by up to a bucket).
     let peak = match peak {

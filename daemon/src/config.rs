@@ -32,8 +32,13 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Enter this network namespace (e.g. /run/netns/NAME) before opening any netlink socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "all_netns")]
     pub netns: Option<PathBuf>,
+    /// Follow every network namespace of the node (named ones, Docker's, and any a process
+    /// holds), each with its own picture, history and incidents. Needs CAP_SYS_ADMIN and
+    /// CAP_SYS_PTRACE (see packaging/ctwatchd-all-netns.conf).
+    #[arg(long)]
+    pub all_netns: bool,
     /// Configuration file [default: /etc/ctwatch/ctwatchd.toml, if it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -55,6 +60,9 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub netns: Option<PathBuf>,
+    /// Every namespace of the node (`--all-netns`), at most `max_namespaces` of them.
+    pub all_netns: bool,
+    pub max_namespaces: usize,
     pub log_level: String,
     pub reader: ReaderConfig,
     pub server: ServerConfig,
@@ -138,6 +146,15 @@ impl Config {
             });
         }
         let netns = cli.netns.clone().or(f.netns.clone());
+        let all_netns = cli.all_netns || f.all_netns.as_ref().is_some_and(|a| a.value);
+        if all_netns && netns.is_some() {
+            let line = f.all_netns.as_ref().and_then(|a| a.line);
+            return Err(ctwatch_parse::config::ConfigError {
+                line,
+                key: Some(if line.is_some() { "all_netns" } else { "netns" }),
+                message: "all_netns and netns are exclusive: one namespace, or all of them".into(),
+            });
+        }
         let state_dir = cli
             .state_dir
             .clone()
@@ -224,6 +241,8 @@ impl Config {
             log_level: log_level.0,
             state_dir,
             netns,
+            all_netns,
+            max_namespaces: f.max_namespaces as usize,
         })
     }
 }

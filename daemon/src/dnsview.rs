@@ -69,6 +69,7 @@ pub fn view(
     now: u64,
     deadline: Instant,
     replies_followed: bool,
+    netns: u64,
 ) -> Result<DnsReply, QueryError> {
     let keep = h.map_or(100, |h| h.cfg.keys_per_bucket);
     // The window as far as it has happened (a default `until` is the current second's end).
@@ -77,7 +78,11 @@ pub fn view(
     let rate = |n: u64| round2(n as f64 / secs);
     let open = |by| OpenBucket {
         start: snap.bucket_start,
-        rows: snap.open_bucket(by, keep),
+        rows: snap
+            .open_bucket(by, keep)
+            .into_iter()
+            .map(|(k, c)| (crate::history::record::HistKey { netns, ..k }, c))
+            .collect(),
     };
     let (servers_open, clients_open) = (open(Dimension::Dns), open(Dimension::DnsClient));
     let t = totals(
@@ -88,7 +93,7 @@ pub fn view(
         now,
         Some(&servers_open),
         deadline,
-        |_| true,
+        |k| k.netns == netns,
     )?;
     let live = live_of(snap, Dimension::Dns);
     let mut backends: Vec<DnsBackend> = t
@@ -132,7 +137,7 @@ pub fn view(
         now,
         Some(&clients_open),
         deadline,
-        |_| true,
+        |k| k.netns == netns,
     )?;
     let live_c = live_of(snap, Dimension::DnsClient);
     let mut clients: Vec<DnsClient> = tc
@@ -165,7 +170,8 @@ pub fn view(
     // The kernel's race counters: stored buckets, and the open one up to now.
     let mut race = DnsRace::default();
     if let Some(h) = h {
-        let t = crate::history::query::table_totals(h, p.since, snap.bucket_start.min(p.until));
+        let t =
+            crate::history::query::table_totals(h, p.since, snap.bucket_start.min(p.until), netns);
         race.insert_failed += t.insert_failed;
         race.clash_resolve += t.clash_resolve;
     }

@@ -14,7 +14,11 @@
 //! picked up again at start, so a restart neither duplicates nor loses it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
 
 use ctwatch_proto::{
     Dimension, Incident, KernelCounters, Snapshot, TopEntry, TopParams, IPPROTO_UDP,
@@ -52,6 +56,10 @@ pub const DEFAULT_HYSTERESIS: f64 = 5.0;
 /// Least time between saves of a growing incident.
 const SAVE_EVERY_SECS: u64 = 5;
 const SNAPSHOT_ROWS: usize = 10;
+/// Stored incidents a page may read per row it shows (the others are other namespaces').
+const INCIDENTS_SCANNED_PER_ROW: usize = 64;
+/// Stored incidents another namespace's engine reads back at start, looking for its open ones.
+const RESUME_SCAN: usize = 1000;
 
 /// Figures the engine works on: the live picture and the kernel's counters.
 #[derive(Clone, Copy)]
@@ -111,7 +119,11 @@ pub struct Engine {
     prev: Option<KernelCounters>,
     /// Which thresholds are armed (may fire).
     armed: Vec<bool>,
-    next_id: u64,
+    /// Incident ids, shared by the engines of every namespace (`--all-netns`).
+    ids: Arc<AtomicU64>,
+    /// The namespace it watches (its inode), and the name it has now (`names`).
+    netns_id: u64,
+    netns_name: Arc<ArcSwapOption<String>>,
     history: Option<HistoryHandle>,
     /// Incidents the writer's queue had no room for, by id: saved at the next turn.
     unsaved: BTreeMap<u64, Incident>,
@@ -132,20 +144,27 @@ fn label(e: &TopEntry) -> String {
 }
 
 impl Engine {
-    /// Resumes incidents left open by a previous run, and continues its id sequence.
+    /// Resumes the incidents of namespace `netns_id` left open by a previous run, and
+    /// continues the id sequence (`ids`: shared with the other namespaces' engines; `None`:
+    /// from the store).
     pub fn new(
         cfg: IncidentConfig,
-        netns: Option<String>,
+        netns_id: u64,
+        netns_name: Arc<ArcSwapOption<String>>,
         history: Option<HistoryHandle>,
+        ids: Option<Arc<AtomicU64>>,
     ) -> Engine {
         let thresholds = cfg.thresholds.len();
+        let scan_ids = ids.is_none();
         let mut e = Engine {
             cfg,
-            netns,
+            netns: Some(netns_id.to_string()),
             open: [None, None],
             prev: None,
             armed: vec![true; thresholds],
-            next_id: 1,
+            ids: ids.unwrap_or_else(|| Arc::new(AtomicU64::new(1))),
+            netns_id,
+            netns_name,
             history,
             unsaved: BTreeMap::new(),
             opened: [0; 2],
@@ -156,8 +175,16 @@ impl Engine {
         // Newest first: the id sequence continues after the newest, and only the newest
         // incident of each kind can have been left open.
         let mut seen = [false; 2];
-        for inc in store.incidents_newest_first().flatten() {
-            e.next_id = e.next_id.max(inc.id + 1);
+        // Another namespace's engine looks a bounded way back: the newest incidents are the
+        // ones that can still be open.
+        let scan = if scan_ids { usize::MAX } else { RESUME_SCAN };
+        for inc in store.incidents_newest_first().flatten().take(scan) {
+            if scan_ids {
+                e.ids.fetch_max(inc.id + 1, Ordering::Relaxed);
+            }
+            if inc.netns_id.unwrap_or(netns_id) != netns_id {
+                continue;
+            }
             let Some(kind) = Kind::parse(&inc.kind) else {
                 continue;
             };
@@ -183,6 +210,11 @@ impl Engine {
             }
         }
         e
+    }
+
+    /// The incident id sequence, for the other namespaces' engines to share.
+    pub fn ids(&self) -> Arc<AtomicU64> {
+        self.ids.clone()
     }
 
     /// Saves the open incidents as they are now, and whatever is still unsaved (at
@@ -314,8 +346,11 @@ impl Engine {
             .first()
             .map(label)
             .unwrap_or_else(|| "(none)".into());
+        let netns_name = self.netns_name.load_full().map(|n| (*n).clone());
         let inc = Incident {
-            id: self.next_id,
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            netns_id: Some(self.netns_id),
+            netns_name: netns_name.clone(),
             kind: kind.into(),
             start: rfc3339(c.now),
             end: None,
@@ -332,12 +367,14 @@ impl Engine {
             summary: format!("{why}; top service {top}"),
             ..Default::default()
         };
-        self.next_id += 1;
         self.opened[slot] += 1;
+        let name = netns_name.unwrap_or_default();
         if slot == INSERT_RACE {
             warn!(
                 message_id = message_id::INSERT_RACE_OPENED,
                 incident_id = inc.id,
+                netns = self.netns_id,
+                netns_name = %name,
                 kind,
                 usage_pct = inc.peak_usage_pct,
                 top_service = %top,
@@ -347,6 +384,8 @@ impl Engine {
             warn!(
                 message_id = message_id::TABLE_FULL_OPENED,
                 incident_id = inc.id,
+                netns = self.netns_id,
+                netns_name = %name,
                 kind,
                 usage_pct = inc.peak_usage_pct,
                 count = c.count,
@@ -471,6 +510,8 @@ impl Engine {
                 info!(
                     message_id = id,
                     incident_id = inc.id,
+                    netns = self.netns_id,
+                    netns_name = %inc.netns_name.clone().unwrap_or_default(),
                     kind = %inc.kind,
                     dropped = inc.dropped,
                     peak_usage_pct = inc.peak_usage_pct,
@@ -529,6 +570,8 @@ impl Engine {
                     .collect();
                 warn!(
                     message_id = message_id::THRESHOLD,
+                    netns = self.netns_id,
+                    netns_name = %self.netns_name.load_full().map(|n| (*n).clone()).unwrap_or_default(),
                     threshold_pct = t,
                     usage_pct = pct,
                     count = c.count,
@@ -565,17 +608,29 @@ pub fn page(
     p: &ctwatch_proto::IncidentsParams,
 ) -> Result<ctwatch_proto::IncidentsReply, crate::store::StoreError> {
     let before = p.before.unwrap_or(u64::MAX);
+    // An incident saved before namespaces were recorded is the daemon's own.
+    let wanted = |i: &Incident| {
+        p.netns
+            .is_none_or(|n| i.netns_id.unwrap_or(p.own_netns) == n)
+    };
     let mut list: BTreeMap<u64, Incident> = open
         .iter()
-        .filter(|i| i.id < before && started(i) >= p.since)
+        .filter(|i| i.id < before && started(i) >= p.since && wanted(i))
         .map(|i| (i.id, i.clone()))
         .collect();
     let mut unreadable = 0;
     let mut read = 0;
+    // With a namespace filter, the other namespaces' incidents are read and passed over: at
+    // most this many, so that a page costs a bounded read whatever the store holds.
+    let mut budget = (p.limit + 1).saturating_mul(INCIDENTS_SCANNED_PER_ROW);
     for item in store.incidents_newest_first_from(p.before) {
         let (id, blob) = item?;
         if list.contains_key(&id) {
             continue;
+        }
+        budget = budget.saturating_sub(1);
+        if budget == 0 {
+            break;
         }
         let Some(inc) = crate::store::decode_incident(&blob) else {
             unreadable += 1;
@@ -583,6 +638,9 @@ pub fn page(
         };
         if started(&inc) < p.since {
             break;
+        }
+        if !wanted(&inc) {
+            continue;
         }
         list.insert(id, inc);
         read += 1;
@@ -651,7 +709,7 @@ mod tests {
         for i in 90..100 {
             t.on_new(&conn(i, 6, 443), 0);
         }
-        let mut e = Engine::new(cfg(), None, None);
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
         let mut k = KernelCounters {
             drop: 5,
             ..Default::default()
@@ -687,7 +745,7 @@ mod tests {
         for i in 0..10 {
             t.on_new(&conn(i, 6, 443), 0);
         }
-        let mut e = Engine::new(cfg(), None, None);
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
         let mut k = KernelCounters::default();
         e.prime(k);
         k.insert_failed = 3;
@@ -708,7 +766,7 @@ mod tests {
     #[test]
     fn thresholds_fire_once_and_rearm_below_the_hysteresis() {
         let t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
-        let mut e = Engine::new(cfg(), None, None);
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
         let k = KernelCounters::default();
         e.prime(k);
         e.on_stats(&ctx(&t.snapshot(), 92, 100, k, 1));

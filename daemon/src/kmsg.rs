@@ -244,6 +244,12 @@ impl Watcher {
         })
     }
 
+    /// Hands on the lines of every namespace (`--all-netns`: the caller routes them).
+    pub fn all_namespaces(mut self) -> Watcher {
+        self.netns = None;
+        self
+    }
+
     fn save(&self) {
         let Some(p) = &self.state else { return };
         match save_position(p, &self.pos) {

@@ -27,6 +27,7 @@ pub mod kmsg;
 pub mod metrics;
 pub mod monitor;
 pub mod netns;
+pub mod node;
 pub mod notify;
 pub mod reader;
 pub mod server;
@@ -96,7 +97,7 @@ pub async fn run(
     let rcfg = config.reader.clone();
     let (rhist, rkernel, rfatal) = (history.clone(), kernel.clone(), fatal.clone());
     let reader_thread = supervise::spawn("ct-reader", fatal.clone(), move || {
-        match reader::Reader::start(rcfg, rhist, rkernel) {
+        match reader::Reader::start(rcfg, rhist, rkernel, None) {
             Ok((r, h)) => {
                 let _ = ready_tx.send(Ok(h));
                 r.run();
@@ -113,11 +114,16 @@ pub async fn run(
         .await
         .context("the reader thread died while starting")??;
 
+    let own_netns = netns::own_id().context("cannot read this thread's network namespace")?;
+    let own_name: Arc<arc_swap::ArcSwapOption<String>> = Default::default();
     let engine = incidents::Engine::new(
         config.incidents.clone(),
-        kmsg::own_netns().map(|n| n.to_string()),
+        own_netns,
+        own_name.clone(),
         history.clone(),
+        None,
     );
+    let incident_ids = engine.ids();
     let (mon, monitor) = monitor::Monitor::new(
         conntrack::RequestSocket::open()?,
         kernel.clone(),
@@ -128,6 +134,58 @@ pub async fn run(
     let monitor_thread = supervise::spawn("ct-monitor", fatal.clone(), move || mon.run())
         .context("cannot start the monitor")?;
 
+    // The namespaces: the daemon's own, and with --all-netns every other one found.
+    let node = node::Node::new(
+        Arc::new(node::Ns::primary(
+            own_netns,
+            handle.clone(),
+            kernel.clone(),
+            monitor.clone(),
+            health.clone(),
+            own_name.clone(),
+        )),
+        config.all_netns,
+    );
+    // The daemon's own namespace is named by the path it was given (`--netns /run/netns/X`),
+    // or `host` when it is PID 1's.
+    let info = node::NsInfo {
+        ip_names: config
+            .netns
+            .as_ref()
+            .filter(|p| p.starts_with("/run/netns") || p.starts_with("/var/run/netns"))
+            .and_then(|p| p.file_name())
+            .map(|n| vec![n.to_string_lossy().into_owned()])
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    node.primary()
+        .set_name(node::mount_name(true, own_netns, &info));
+    node.primary().info.store(Arc::new(info));
+    let stop_discovery = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let discovery_thread = if config.all_netns {
+        if let Some(h) = &history {
+            h.merge_namespaces();
+        }
+        let d = node::Discovery::new(
+            node.clone(),
+            node::UnitConfig {
+                reader: config.reader.clone(),
+                incidents: config.incidents.clone(),
+                history: history.clone(),
+                fatal: fatal.clone(),
+                ids: incident_ids,
+                max_namespaces: config.max_namespaces,
+            },
+        );
+        let stop = stop_discovery.clone();
+        Some(
+            supervise::spawn("ct-netns", fatal.clone(), move || d.run(stop))
+                .context("cannot start the namespace discovery")?,
+        )
+    } else {
+        None
+    };
+
     // The kernel log: a part that may not work (no CAP_SYSLOG, no device); then the daemon
     // runs degraded and keeps trying.
     let kmsg_stats = config.kmsg.then(|| Arc::new(kmsg::KmsgStats::default()));
@@ -137,12 +195,13 @@ pub async fn run(
             .history
             .as_ref()
             .map(|_| config.state_dir.join("kmsg.position"));
-        let (m, h) = (monitor.clone(), health.clone());
+        let (n, h, all) = (node.clone(), health.clone(), config.all_netns);
         supervise::spawn("ct-kmsg", fatal.clone(), move || loop {
             match kmsg::Watcher::open(&path, position.clone(), h.clone(), stats.clone()) {
                 Ok(w) => {
                     h.restore("kernel log");
-                    w.run(|ev| m.kmsg(ev));
+                    let w = if all { w.all_namespaces() } else { w };
+                    w.run(|ev| n.route_kmsg(ev));
                     return;
                 }
                 Err(e) => {
@@ -217,6 +276,7 @@ pub async fn run(
             streams: Arc::new(tokio::sync::Semaphore::new(config.server.max_streams)),
             max_streams: config.server.max_streams,
             clients,
+            node: node.clone(),
         },
     );
     notify::notify("READY=1\nSTATUS=watching conntrack");
@@ -242,14 +302,23 @@ pub async fn run(
         let _ = t.await;
     }
     watchdog.abort();
-    // The reader hands its last bucket to the writer; the monitor its incidents; then the
-    // writer finishes what is queued and flushes.
+    // The other namespaces stop first (their last buckets and incidents go to the writer),
+    // then the daemon's own reader hands its last bucket to the writer, the monitor its
+    // incidents; then the writer finishes what is queued and flushes.
+    stop_discovery.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(t) = discovery_thread {
+        join(t, Duration::from_secs(15)).await;
+    }
     handle.control.stop();
     join(reader_thread, Duration::from_secs(10)).await;
     monitor.stop();
     join(monitor_thread, Duration::from_secs(5)).await;
     if let (Some(h), Some(t)) = (history, writer_thread) {
-        let _ = tokio::task::spawn_blocking(move || h.stop()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            h.flush_merged();
+            h.stop()
+        })
+        .await;
         join(t, Duration::from_secs(10)).await;
     }
     if let Some(why) = fatal.reason() {

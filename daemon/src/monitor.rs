@@ -32,6 +32,18 @@ const SYSCTLS_EVERY: Duration = Duration::from_secs(5);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Kernel-log events waiting for the monitor; the watcher waits for room (lines are rare).
 const QUEUE: usize = 256;
+/// For a namespace other than the daemon's own (`--all-netns`): how often its counters and
+/// its sysctls are read. A table-full line in the kernel log still reaches its monitor at once.
+pub const OTHER_POLL_EVERY: Duration = Duration::from_millis(500);
+const OTHER_SYSCTLS_EVERY: Duration = Duration::from_secs(30);
+
+/// The per-namespace sysctls the kernel view shows.
+fn read_sysctls(v: &mut KernelView) {
+    v.buckets = sysctl("nf_conntrack_buckets").unwrap_or(0).max(0) as u64;
+    v.accounting = sysctl("nf_conntrack_acct").unwrap_or(0) != 0;
+    v.timestamps = sysctl("nf_conntrack_timestamp").unwrap_or(0) != 0;
+    v.events_mode = sysctl("nf_conntrack_events").unwrap_or(-1);
+}
 
 /// Reads one integer sysctl of the current network namespace.
 pub fn sysctl(name: &str) -> Option<i64> {
@@ -151,6 +163,10 @@ pub struct Monitor {
     /// replaces it once it is old enough. Two copies, not one snapshot per second: memory.
     earlier: Option<crate::stats::Snapshot>,
     next: Option<crate::stats::Snapshot>,
+    poll_every: Duration,
+    sysctls_every: Duration,
+    /// Another namespace than the thread's own: its sysctls are read inside it.
+    netns: Option<Arc<std::fs::File>>,
 }
 
 impl Monitor {
@@ -186,9 +202,21 @@ impl Monitor {
                 failures: 0,
                 earlier: None,
                 next: None,
+                poll_every: POLL_EVERY,
+                sysctls_every: SYSCTLS_EVERY,
+                netns: None,
             },
             handle,
         )
+    }
+
+    /// Watches another namespace (its request socket already made inside it): reads its
+    /// sysctls there, and polls less often than the daemon's own.
+    pub fn in_netns(mut self, file: Arc<std::fs::File>) -> Monitor {
+        self.netns = Some(file);
+        self.poll_every = OTHER_POLL_EVERY;
+        self.sysctls_every = OTHER_SYSCTLS_EVERY;
+        self
     }
 
     /// Reads the kernel's figures now and publishes them.
@@ -215,13 +243,21 @@ impl Monitor {
         }
         if self
             .last_sysctls
-            .is_none_or(|t| t.elapsed() >= SYSCTLS_EVERY)
+            .is_none_or(|t| t.elapsed() >= self.sysctls_every)
         {
             self.last_sysctls = Some(Instant::now());
-            v.buckets = sysctl("nf_conntrack_buckets").unwrap_or(0).max(0) as u64;
-            v.accounting = sysctl("nf_conntrack_acct").unwrap_or(0) != 0;
-            v.timestamps = sysctl("nf_conntrack_timestamp").unwrap_or(0) != 0;
-            v.events_mode = sysctl("nf_conntrack_events").unwrap_or(-1);
+            match &self.netns {
+                None => read_sysctls(&mut v),
+                Some(f) => {
+                    let mut w = v.clone();
+                    if let Ok(w) = crate::netns::in_netns(f, move || {
+                        read_sysctls(&mut w);
+                        w
+                    }) {
+                        v = w;
+                    }
+                }
+            }
             v.object_size = crate::advise::slab_object_size();
         }
         self.kernel.publish(v);
@@ -275,7 +311,7 @@ impl Monitor {
         loop {
             let wait = self
                 .last_poll
-                .map(|t| POLL_EVERY.saturating_sub(t.elapsed()))
+                .map(|t| self.poll_every.saturating_sub(t.elapsed()))
                 .unwrap_or_default();
             match self.rx.recv_timeout(wait) {
                 Ok(Msg::Stop) => break,

@@ -96,6 +96,28 @@ pub fn spawn(
         })
 }
 
+/// `spawn` for a thread of one namespace's (`--all-netns`): ending after `retired` is set
+/// (the namespace went) is not a failure; dying otherwise is, as for any thread.
+pub fn spawn_retirable(
+    name: &'static str,
+    fatal: Arc<Fatal>,
+    retired: Arc<AtomicBool>,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+            if fatal.stopping() || (r.is_ok() && retired.load(Ordering::SeqCst)) {
+                return;
+            }
+            match r {
+                Ok(()) => fatal.trip(format!("thread {name} ended unexpectedly")),
+                Err(p) => fatal.trip(format!("thread {name} panicked: {}", panic_text(&*p))),
+            }
+        })
+}
+
 /// Parts that run degraded, with why.
 #[derive(Default)]
 pub struct Health {

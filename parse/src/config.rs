@@ -55,6 +55,7 @@ pub const WRITE_SECS: Bound = b("limits.write_timeout_secs", 5, 1, 3600);
 pub const REQUEST_SECS: Bound = b("limits.request_timeout_secs", 10, 1, 3600);
 pub const HEAVY: Bound = b("limits.heavy_requests", 2, 1, 64);
 pub const MAX_STREAMS: Bound = b("limits.max_streams", 16, 1, 64);
+pub const MAX_NAMESPACES: Bound = b("limits.max_namespaces", 128, 1, 1024);
 pub const BUCKET_SECS: Bound = b("history.bucket_secs", 60, 1, 3600);
 pub const ROLLUP_SECS: Bound = b("history.rollup_secs", 3600, 1, 86_400);
 pub const FINE_HOURS: Bound = b("history.fine_retention_hours", 48, 1, 8760);
@@ -92,6 +93,7 @@ pub const BOUNDS: &[Bound] = &[
     REQUEST_SECS,
     HEAVY,
     MAX_STREAMS,
+    MAX_NAMESPACES,
     BUCKET_SECS,
     ROLLUP_SECS,
     FINE_HOURS,
@@ -118,6 +120,7 @@ struct FileConfig {
     socket_group: S<String>,
     state_dir: S<PathBuf>,
     netns: S<PathBuf>,
+    all_netns: S<bool>,
     log_level: S<String>,
     #[serde(default)]
     netlink: NetlinkSection,
@@ -166,6 +169,7 @@ struct LimitsSection {
     request_timeout_secs: S<u64>,
     heavy_requests: S<u64>,
     max_streams: S<u64>,
+    max_namespaces: S<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +237,8 @@ pub struct Settings {
     pub socket_group: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub netns: Option<PathBuf>,
+    /// Follow every network namespace of the node (`all_netns = true`).
+    pub all_netns: Option<At<bool>>,
     pub log_level: Option<At<String>>,
     pub rcvbuf: u64,
     pub rcvbuf_max: u64,
@@ -253,6 +259,7 @@ pub struct Settings {
     pub request_secs: u64,
     pub heavy: u64,
     pub max_streams: u64,
+    pub max_namespaces: u64,
     pub history: bool,
     pub bucket_secs: u64,
     pub rollup_secs: u64,
@@ -427,6 +434,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         socket_group: f.socket_group.as_ref().map(|s| s.get_ref().clone()),
         state_dir: nonempty(&f.state_dir, "state_dir")?,
         netns: nonempty(&f.netns, "netns")?,
+        all_netns: c.at(&f.all_netns),
         log_level: c.at(&f.log_level),
         rcvbuf,
         rcvbuf_max,
@@ -447,6 +455,7 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         request_secs: c.int(REQUEST_SECS, &l.request_timeout_secs)?,
         heavy: c.int(HEAVY, &l.heavy_requests)?,
         max_streams: c.int(MAX_STREAMS, &l.max_streams)?,
+        max_namespaces: c.int(MAX_NAMESPACES, &l.max_namespaces)?,
         history: h.enabled.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
         bucket_secs,
         rollup_secs,

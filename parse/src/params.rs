@@ -96,6 +96,46 @@ impl Params {
     }
 }
 
+/// Which namespace a call is about (`netns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsSel {
+    /// Every namespace followed (`all`; Top and Query).
+    All,
+    /// By inode number.
+    Id(u64),
+    /// By `ip netns` name or name (`self`: the daemon's own).
+    Name(String),
+}
+
+/// Longest namespace name a call may give.
+const MAX_NETNS_NAME: usize = 512;
+
+/// `netns`: a number (the inode), or a string (`all`, digits, a name); absent: `None`, the
+/// daemon's own. Read before the method's own parameters, by the server.
+pub fn netns(p: &mut Params) -> Result<Option<NetnsSel>, ParamError> {
+    match p.get("netns") {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|n| Some(NetnsSel::Id(n)))
+            .ok_or_else(|| invalid("netns")),
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            if s.is_empty() || s.len() > MAX_NETNS_NAME || s.chars().any(char::is_control) {
+                return Err(invalid("netns"));
+            }
+            Ok(Some(match s {
+                "all" => NetnsSel::All,
+                _ => match s.parse::<u64>() {
+                    Ok(n) => NetnsSel::Id(n),
+                    Err(_) => NetnsSel::Name(s.to_string()),
+                },
+            }))
+        }
+        Some(_) => Err(invalid("netns")),
+    }
+}
+
 /// by, proto and port: the key filters `Top` and `Query` share.
 fn key_params(p: &mut Params) -> Result<(Dimension, Option<u8>, Option<u16>), ParamError> {
     let by = match p.opt_str("by")? {
@@ -195,6 +235,8 @@ pub fn query(p: &mut Params, now: u64) -> Result<QueryParams, ParamError> {
         dst,
         top,
         step,
+        netns: None,
+        label_netns: None,
     })
 }
 
@@ -207,6 +249,7 @@ pub fn incidents(p: &mut Params) -> Result<IncidentsParams, ParamError> {
         since,
         before,
         limit,
+        ..Default::default()
     })
 }
 
@@ -286,6 +329,41 @@ pub fn advise(p: &mut Params) -> Result<(f64, Option<u64>), ParamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netns_takes_a_number_a_name_or_all() {
+        let sel = |v: Value| {
+            netns(&mut Params::new(Some(
+                serde_json::json!({ "netns": v })
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            )))
+        };
+        assert_eq!(
+            sel(serde_json::json!(4026531840u64)),
+            Ok(Some(NetnsSel::Id(4026531840)))
+        );
+        assert_eq!(
+            sel(serde_json::json!("4026531840")),
+            Ok(Some(NetnsSel::Id(4026531840)))
+        );
+        assert_eq!(sel(serde_json::json!("all")), Ok(Some(NetnsSel::All)));
+        assert_eq!(
+            sel(serde_json::json!("default/web")),
+            Ok(Some(NetnsSel::Name("default/web".into())))
+        );
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(""),
+            serde_json::json!("a\nb"),
+            serde_json::json!([1]),
+            serde_json::json!("x".repeat(600)),
+        ] {
+            assert_eq!(sel(bad), Err(invalid("netns")));
+        }
+        assert_eq!(netns(&mut Params::new(None)), Ok(None));
+    }
     use serde_json::json;
 
     fn params(v: Value) -> Params {

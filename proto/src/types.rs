@@ -100,6 +100,13 @@ pub struct StatusReply {
     pub dns: DnsStatus,
     #[serde(default)]
     pub clients: ClientsStatus,
+    #[serde(default)]
+    pub namespaces: NamespacesStatus,
+    /// The daemon's own namespace: its inode number, and its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
 }
 
 /// The socket's clients since start.
@@ -436,6 +443,71 @@ pub struct TopEntry {
     /// New entries per second (in incident snapshots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_per_sec: Option<f64>,
+    /// The namespace of the row (`--all-netns` answers over several), and its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
+    /// What the node knows the addresses as (the pod, container or namespace holding them;
+    /// for a service VIP, its Kubernetes service), when known; the addresses stay as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_name: Option<String>,
+}
+
+/// One network namespace of the node (`io.ctwatch.Netns`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NetnsEntry {
+    /// Its inode number, as the kernel log prints it (`table full in netns N`).
+    pub netns_id: u64,
+    /// What lives in it: its `ip netns` name, a pod (`namespace/pod`), a container, a unit, a
+    /// process; `None` when nothing names it.
+    pub name: Option<String>,
+    /// `netns`, `pod`, `container`, `unit`, `process`, `host`.
+    pub name_kind: Option<String>,
+    pub ip_names: Vec<String>,
+    /// The daemon's own namespace.
+    pub primary: bool,
+    /// Followed (false: found but not followed, `why`).
+    pub followed: bool,
+    pub why: Option<String>,
+    /// Entries in its table (its own count, as the kernel checks it against the limit).
+    pub count: u64,
+    pub max: u64,
+    pub usage_pct: f64,
+    /// Entries the daemon tracks in it.
+    pub live: u64,
+    /// Nothing tracked since the daemon began following it: conntrack is off there until a
+    /// rule needs it (or nothing connected), so its zeros say nothing about a quiet table.
+    pub tracked_nothing: bool,
+    pub note: Option<String>,
+    /// Processes in it, when it was last looked at.
+    pub processes: u32,
+    pub top_services: Vec<TopEntry>,
+    pub incidents_open: Vec<u64>,
+    /// Its events since the daemon began following it.
+    pub new: u64,
+    pub lost: u64,
+    pub followed_secs: u64,
+}
+
+/// The namespaces, as `Status` sums them up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NamespacesStatus {
+    /// `--all-netns`.
+    pub all: bool,
+    pub followed: u64,
+    pub untracked: u64,
+    pub tracked_nothing: u64,
+    /// The namespace nearest its limit.
+    pub fullest: Option<NetnsEntry>,
+    /// Table-full lines of the kernel log for namespaces not followed.
+    pub kmsg_untracked: u64,
 }
 
 /// Rows that carry key fields (`TopEntry`, `QueryRow`), read field by field, so a renderer can
@@ -444,6 +516,10 @@ pub trait KeyedRow {
     fn key_field(&self, f: KeyField) -> Option<String>;
     fn zone(&self) -> Option<u16>;
     fn is_other(&self) -> bool;
+    /// What the node knows an address field as (`src_name`, `dst_name`, `backend_name`).
+    fn field_name(&self, f: KeyField) -> Option<String>;
+    /// The row's namespace, and its name.
+    fn netns(&self) -> (Option<u64>, Option<String>);
 }
 
 macro_rules! keyed_row {
@@ -464,6 +540,17 @@ macro_rules! keyed_row {
             }
             fn is_other(&self) -> bool {
                 self.other == Some(true)
+            }
+            fn field_name(&self, f: KeyField) -> Option<String> {
+                match f {
+                    KeyField::Src => self.src_name.clone(),
+                    KeyField::Dst => self.dst_name.clone(),
+                    KeyField::Backend => self.backend_name.clone(),
+                    _ => None,
+                }
+            }
+            fn netns(&self) -> (Option<u64>, Option<String>) {
+                (self.netns_id, self.netns_name.clone())
             }
         }
     };
@@ -639,6 +726,11 @@ pub struct QueryParams {
     pub top: usize,
     /// Seconds per point; `None` for totals only.
     pub step: Option<u64>,
+    /// Only the keys of this namespace (0: the daemon's own); `None`: every namespace's. Set
+    /// by the server from `netns`.
+    pub netns: Option<u64>,
+    /// The daemon's own namespace's inode, when rows are to carry their `netns_id`.
+    pub label_netns: Option<u64>,
 }
 
 /// Default number of rows of a query.
@@ -657,6 +749,10 @@ pub struct IncidentsParams {
     /// Only incidents with an id below this (the `next_before` of the previous page).
     pub before: Option<u64>,
     pub limit: usize,
+    /// Only this namespace's (set by the server from `netns`), and the daemon's own inode (for
+    /// incidents saved before namespaces were recorded).
+    pub netns: Option<u64>,
+    pub own_netns: u64,
 }
 
 /// A page of `io.ctwatch.Incidents`.
@@ -738,6 +834,20 @@ pub struct QueryRow {
     /// Set on the row that folds keys beyond the per-bucket cap, with how many keys it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other: Option<bool>,
+    /// The namespace of the row (`--all-netns` answers over several), and its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
+    /// What the node knows the addresses as (the pod, container or namespace holding them;
+    /// for a service VIP, its Kubernetes service), at the time of the range's end, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_name: Option<String>,
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -918,6 +1028,12 @@ pub struct Incident {
     pub peak_usage_pct: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// The namespace it happened in (its inode number, as the kernel log prints it), and the
+    /// name it had then (`ip netns` name, pod, container, unit), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
     /// The services that filled the table when it opened (for `insert_race`: the UDP/53
     /// services), by live entries.
     pub top_services: Vec<TopEntry>,

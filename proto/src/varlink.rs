@@ -31,6 +31,8 @@ pub mod errors {
     /// ctwatch's own: the message was not a Varlink call (bad JSON, too large, not an object).
     pub const INVALID_REQUEST: &str = "io.ctwatch.InvalidRequest";
     pub const NO_SUCH_INCIDENT: &str = "io.ctwatch.NoSuchIncident";
+    /// ctwatch's own: the `netns` a call names is not one the daemon follows.
+    pub const NO_SUCH_NETNS: &str = "io.ctwatch.NoSuchNetns";
     /// ctwatch's own: a parameter asks for more than one request may cost; names the
     /// parameter and its bound.
     pub const LIMIT_EXCEEDED: &str = "io.ctwatch.LimitExceeded";
@@ -132,7 +134,8 @@ mod tests {
                 "Incident",
                 "Advise",
                 "Dns",
-                "Watch"
+                "Watch",
+                "Netns"
             ]
         );
         assert_eq!(

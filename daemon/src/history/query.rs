@@ -46,6 +46,9 @@ pub struct OpenBucket {
 }
 
 fn matches(p: &QueryParams, k: &HistKey) -> bool {
+    if p.netns.is_some_and(|n| n != k.netns) {
+        return false;
+    }
     if k.other {
         return p.proto.is_none() && p.port.is_none() && p.src.is_none() && p.dst.is_none();
     }
@@ -234,17 +237,29 @@ pub fn totals(
     Ok(t)
 }
 
-/// The table's own figures summed over `[since, until)` of fine buckets.
-pub fn table_totals(h: &HistoryHandle, since: u64, until: u64) -> TableCounts {
+/// The table's own figures summed over `[since, until)` of fine buckets, of namespace
+/// `netns` (0: the daemon's own).
+pub fn table_totals(h: &HistoryHandle, since: u64, until: u64, netns: u64) -> TableCounts {
     let mut t = TableCounts::default();
     if let Some(store) = h.store() {
         let res = h.cfg.bucket_secs;
+        let dim = if netns == 0 {
+            TABLE_DIM
+        } else {
+            record::NETNS_TABLE_DIM
+        };
         for (_, blob) in store
-            .range_iter(Tier::Fine, TABLE_DIM, since - since % res, until)
+            .range_iter(Tier::Fine, dim, since - since % res, until)
             .flatten()
         {
-            if let Ok(tc) = record::decode_table(&blob) {
-                t.absorb_later(&tc);
+            if netns == 0 {
+                if let Ok(tc) = record::decode_table(&blob) {
+                    t.absorb_later(&tc);
+                }
+            } else if let Ok(list) = record::decode_netns_tables(&blob) {
+                if let Some((_, tc)) = list.iter().find(|(n, _)| *n == netns) {
+                    t.absorb_later(tc);
+                }
             }
         }
     }
@@ -299,7 +314,11 @@ pub fn query(
     );
     let shown: Vec<HistKey> = ranked.iter().map(|(k, _, _)| *k).collect();
     for (k, _, c) in &ranked {
-        reply.rows.push(row_of(p.by, k, c));
+        let mut row = row_of(p.by, k, c);
+        if let Some(own) = p.label_netns {
+            row.netns_id = Some(if k.netns == 0 { own } else { k.netns });
+        }
+        reply.rows.push(row);
     }
     if any_other {
         reply.rows.push(row_of(p.by, &HistKey::OTHER, &other));

@@ -366,20 +366,7 @@ pub fn decode_table(blob: &[u8]) -> Result<TableCounts, RecordError> {
     };
     let mut f = [0u64; TABLE_FIELDS_1];
     read_fields(&mut r, n, &mut f)?;
-    Ok(TableCounts {
-        count_end: f[0],
-        count_max: f[1],
-        max: f[2],
-        new: f[3],
-        destroy: f[4],
-        lost: f[5],
-        overruns: f[6],
-        resyncs: f[7],
-        drop: f[8],
-        early_drop: f[9],
-        insert_failed: f[10],
-        clash_resolve: f[11],
-    })
+    Ok(table_from(&f))
 }
 
 /// The dimension byte used in store keys; 255 is the table record.
@@ -394,12 +381,86 @@ pub fn dim_byte(d: Dimension) -> u8 {
     }
 }
 pub const TABLE_DIM: u8 = 255;
-/// Every blob a bucket may have: its dimensions, then the table record.
-pub const BUCKET_BLOBS: [u8; 7] = [0, 1, 2, 3, 4, 5, TABLE_DIM];
+/// The tables of the other namespaces (`--all-netns`): (namespace, table record) pairs.
+pub const NETNS_TABLE_DIM: u8 = 254;
+/// Every blob a bucket may have: its dimensions, then the table records.
+pub const BUCKET_BLOBS: [u8; 8] = [0, 1, 2, 3, 4, 5, NETNS_TABLE_DIM, TABLE_DIM];
+
+/// Encodes the other namespaces' tables of one bucket.
+pub fn encode_netns_tables(tables: &[(u64, TableCounts)]) -> Vec<u8> {
+    let mut out = vec![FORMAT];
+    put_varint(&mut out, tables.len() as u64);
+    for (ns, t) in tables {
+        put_varint(&mut out, *ns);
+        let f = t.fields();
+        put_varint(&mut out, f.len() as u64);
+        for v in f {
+            put_varint(&mut out, v);
+        }
+    }
+    out
+}
+
+pub fn decode_netns_tables(blob: &[u8]) -> Result<Vec<(u64, TableCounts)>, RecordError> {
+    let mut r = Reader(blob);
+    let [format] = r.bytes::<1>()?;
+    if format != FORMAT {
+        return Err(RecordError::Format(format));
+    }
+    let n = r.varint()? as usize;
+    // Every record takes at least two bytes: a length past that is a corrupt blob.
+    if n > blob.len() {
+        return Err(RecordError::Short);
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ns = r.varint()?;
+        let fields = r.varint()? as usize;
+        let mut f = [0u64; TABLE_FIELDS_1];
+        read_fields(&mut r, fields, &mut f)?;
+        out.push((ns, table_from(&f)));
+    }
+    Ok(out)
+}
+
+fn table_from(f: &[u64; TABLE_FIELDS_1]) -> TableCounts {
+    TableCounts {
+        count_end: f[0],
+        count_max: f[1],
+        max: f[2],
+        new: f[3],
+        destroy: f[4],
+        lost: f[5],
+        overruns: f[6],
+        resyncs: f[7],
+        drop: f[8],
+        early_drop: f[9],
+        insert_failed: f[10],
+        clash_resolve: f[11],
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespace_tables_round_trip_and_refuse_garbage() {
+        let t = TableCounts {
+            count_end: 5,
+            count_max: 9,
+            max: 262_144,
+            drop: 3,
+            clash_resolve: 1 << 40,
+            ..Default::default()
+        };
+        let list = vec![(4026532177, t), (4026532300, TableCounts::default())];
+        let b = encode_netns_tables(&list);
+        assert_eq!(decode_netns_tables(&b).unwrap(), list);
+        assert!(decode_netns_tables(&b[..b.len() - 1]).is_err());
+        assert!(decode_netns_tables(&[FORMAT, 0xff, 0xff, 0x7f]).is_err());
+        assert!(decode_netns_tables(&[9]).is_err());
+    }
 
     #[test]
     fn keys_round_trip_v4_v6_and_other() {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::record::{self, Counts, HistKey, TableCounts, TABLE_DIM};
+use super::record::{self, Counts, HistKey, TableCounts, NETNS_TABLE_DIM, TABLE_DIM};
 use crate::state::{StateDir, StateError};
 use crate::store::{Store, StoreError, Tier};
 use ctwatch_proto::Dimension;
@@ -57,9 +57,18 @@ const CATCH_UP_PER_PASS: usize = 48;
 /// How often retention (by age, and of incidents) runs.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
+/// Keys per dimension a bucket keeps: more when several namespaces share it.
+fn keep(merge: &Mutex<Option<Merge>>, keys_per_bucket: usize) -> usize {
+    if merge.lock().unwrap().is_some() {
+        keys_per_bucket * MERGED_KEYS_FACTOR
+    } else {
+        keys_per_bucket
+    }
+}
+
 /// What the writer is sent.
 enum Msg {
-    Bucket(Box<Bucket>),
+    Bucket(Box<Merged>),
     Incident(Box<ctwatch_proto::Incident>),
     /// Write what is queued, then stop.
     Stop,
@@ -68,9 +77,68 @@ enum Msg {
 /// A closed bucket, as the reader hands it over.
 pub struct Bucket {
     pub start: u64,
+    /// The namespace it is of (0: the daemon's own); its keys carry the same.
+    pub netns: u64,
     /// One list per dimension, in `Dimension::ALL` order.
     pub dims: [Vec<(HistKey, Counts)>; 6],
     pub table: TableCounts,
+}
+
+/// A bucket as written: every namespace's keys, the daemon's own table (when its bucket came),
+/// the other namespaces' tables.
+struct Merged {
+    start: u64,
+    dims: [Vec<(HistKey, Counts)>; 6],
+    table: Option<TableCounts>,
+    others: Vec<(u64, TableCounts)>,
+}
+
+impl From<Bucket> for Merged {
+    fn from(b: Bucket) -> Merged {
+        let (table, others) = if b.netns == 0 {
+            (Some(b.table), Vec::new())
+        } else {
+            (None, vec![(b.netns, b.table)])
+        };
+        Merged {
+            start: b.start,
+            dims: b.dims,
+            table,
+            others,
+        }
+    }
+}
+
+/// With `--all-netns`, every namespace closes a bucket at the same minute: they are gathered
+/// into one before they go to the writer, once every namespace followed handed its own, or
+/// `MERGE_WAIT` after the first came (a namespace that went meanwhile).
+#[derive(Default)]
+struct Merge {
+    /// Namespaces followed now.
+    expected: usize,
+    pending: std::collections::BTreeMap<u64, (Instant, usize, Merged)>,
+}
+
+/// Longest a bucket waits for the other namespaces' of the same minute.
+const MERGE_WAIT: Duration = Duration::from_secs(3);
+/// Keys per dimension a merged bucket keeps, in `keys_per_bucket`s: many namespaces share it.
+pub const MERGED_KEYS_FACTOR: usize = 8;
+
+fn absorb(into: &mut Merged, b: Bucket) {
+    for (d, recs) in into.dims.iter_mut().zip(b.dims) {
+        d.extend(recs);
+    }
+    if b.netns == 0 {
+        match &mut into.table {
+            Some(t) => t.absorb_later(&b.table),
+            None => into.table = Some(b.table),
+        }
+    } else {
+        match into.others.iter_mut().find(|(ns, _)| *ns == b.netns) {
+            Some((_, t)) => t.absorb_later(&b.table),
+            None => into.others.push((b.netns, b.table)),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -91,6 +159,8 @@ pub struct WriterStats {
 #[derive(Clone)]
 pub struct HistoryHandle {
     tx: SyncSender<Msg>,
+    /// `Some` with `--all-netns` (`merge_namespaces`).
+    merge: Arc<Mutex<Option<Merge>>>,
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
     /// Usage per minute over the last hour and the 24-hour peak, recomputed by the writer after
@@ -102,11 +172,90 @@ pub struct HistoryHandle {
 impl HistoryHandle {
     /// Hands a closed bucket to the writer without waiting. A full queue drops it.
     pub fn submit(&self, b: Bucket) {
+        let ready = {
+            let mut m = self.merge.lock().unwrap();
+            match m.as_mut() {
+                None => vec![Merged::from(b)],
+                Some(m) => {
+                    let start = b.start;
+                    match m.pending.get_mut(&start) {
+                        Some((_, got, into)) => {
+                            *got += 1;
+                            absorb(into, b);
+                        }
+                        None => {
+                            m.pending
+                                .insert(start, (Instant::now(), 1, Merged::from(b)));
+                        }
+                    }
+                    Self::take_ready(m)
+                }
+            }
+        };
+        for b in ready {
+            self.send(b);
+        }
+    }
+
+    fn send(&self, b: Merged) {
         match self.tx.try_send(Msg::Bucket(Box::new(b))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.lock().unwrap().dropped += 1;
             }
+        }
+    }
+
+    /// Buckets every namespace handed, or that waited long enough; oldest first.
+    fn take_ready(m: &mut Merge) -> Vec<Merged> {
+        let ready: Vec<u64> = m
+            .pending
+            .iter()
+            .filter(|(_, (first, got, _))| *got >= m.expected || first.elapsed() >= MERGE_WAIT)
+            .map(|(t, _)| *t)
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|t| m.pending.remove(&t).map(|(_, _, b)| b))
+            .collect()
+    }
+
+    /// Gathers the buckets of several namespaces into one per minute (`--all-netns`).
+    pub fn merge_namespaces(&self) {
+        let mut m = self.merge.lock().unwrap();
+        if m.is_none() {
+            *m = Some(Merge {
+                expected: 1,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// How many namespaces hand buckets now; sends what waited long enough.
+    pub fn set_namespaces(&self, n: usize) {
+        let ready = match self.merge.lock().unwrap().as_mut() {
+            None => return,
+            Some(m) => {
+                m.expected = n.max(1);
+                Self::take_ready(m)
+            }
+        };
+        for b in ready {
+            self.send(b);
+        }
+    }
+
+    /// Sends every bucket still gathering (at shutdown, once the namespaces stopped).
+    pub fn flush_merged(&self) {
+        let ready: Vec<Merged> = match self.merge.lock().unwrap().as_mut() {
+            None => return,
+            Some(m) => std::mem::take(&mut m.pending)
+                .into_values()
+                .map(|(_, _, b)| b)
+                .collect(),
+        };
+        for b in ready {
+            self.send(b);
         }
     }
 
@@ -155,8 +304,10 @@ impl HistoryHandle {
 pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (HistoryHandle, Writer) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let stats = Arc::new(Mutex::new(WriterStats::default()));
+    let merge: Arc<Mutex<Option<Merge>>> = Default::default();
     let handle = HistoryHandle {
         tx,
+        merge: merge.clone(),
         store: Arc::new(Mutex::new(None)),
         stats: stats.clone(),
         summary: Arc::new(Mutex::new(Default::default())),
@@ -164,6 +315,7 @@ pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (History
     };
     let mut w = Writer {
         cfg,
+        merge,
         rx,
         store: handle.store.clone(),
         stats,
@@ -187,6 +339,8 @@ pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (History
 
 pub struct Writer {
     cfg: HistoryConfig,
+    /// Shared with the handle: set with `--all-netns` (buckets hold several namespaces).
+    merge: Arc<Mutex<Option<Merge>>>,
     rx: Receiver<Msg>,
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
@@ -290,37 +444,57 @@ impl Writer {
         self.retry_at = Some(Instant::now() + REOPEN_AFTER);
     }
 
-    fn handle(&mut self, b: Bucket) {
+    fn handle(&mut self, b: Merged) {
         let Some(store) = self.current() else {
             self.stats.lock().unwrap().dropped += 1;
             return;
         };
-        let mut blobs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(5);
+        let keep = keep(&self.merge, self.cfg.keys_per_bucket);
+        let mut blobs: Vec<(u8, Vec<u8>)> = Vec::with_capacity(8);
         let mut table = b.table;
+        let mut others = b.others;
         let mut dims = b.dims;
-        // A bucket cut short by a restart is already on disk: add to it, do not replace it.
-        if let Ok(prev) = store.range(Tier::Fine, TABLE_DIM, b.start, b.start + 1) {
-            if let Some(Ok(t)) = prev.first().map(|(_, v)| record::decode_table(v)) {
-                let mut merged = t;
-                merged.absorb_later(&table);
-                table = merged;
-                for (i, recs) in dims.iter_mut().enumerate() {
-                    if let Ok(old) = store.range(Tier::Fine, i as u8, b.start, b.start + 1) {
-                        if let Some(Ok(old)) = old.first().map(|(_, v)| record::decode_keys(v)) {
-                            *recs = merge_restarted(
-                                old,
-                                std::mem::take(recs),
-                                self.cfg.keys_per_bucket,
-                            );
-                        }
-                    }
-                }
+        // A bucket cut short by a restart (or a namespace's that came late) is already on
+        // disk: add to it, do not replace it.
+        let on_disk = |dim: u8| {
+            store
+                .range(Tier::Fine, dim, b.start, b.start + 1)
+                .ok()
+                .and_then(|v| v.into_iter().next().map(|(_, v)| v))
+        };
+        let prev_table = on_disk(TABLE_DIM).and_then(|v| record::decode_table(&v).ok());
+        let prev_others =
+            on_disk(NETNS_TABLE_DIM).and_then(|v| record::decode_netns_tables(&v).ok());
+        let existed = prev_table.is_some() || prev_others.is_some();
+        table = match (prev_table, table) {
+            (Some(mut old), Some(t)) => {
+                old.absorb_later(&t);
+                Some(old)
             }
+            (old, t) => t.or(old),
+        };
+        if let Some(old) = prev_others {
+            let mut merged = old;
+            for (ns, t) in std::mem::take(&mut others) {
+                merge_table(&mut merged, ns, t);
+            }
+            others = merged;
+        }
+        for (i, recs) in dims.iter_mut().enumerate() {
+            let old = if existed {
+                on_disk(i as u8).and_then(|v| record::decode_keys(&v).ok())
+            } else {
+                None
+            };
+            *recs = merge_restarted(old.unwrap_or_default(), std::mem::take(recs), keep);
         }
         for (i, recs) in dims.iter().enumerate() {
             blobs.push((i as u8, record::encode_keys(recs)));
         }
-        blobs.push((TABLE_DIM, record::encode_table(&table)));
+        if !others.is_empty() {
+            blobs.push((NETNS_TABLE_DIM, record::encode_netns_tables(&others)));
+        }
+        blobs.push((TABLE_DIM, record::encode_table(&table.unwrap_or_default())));
         let now = crate::reader::unix_now();
         let result = store
             .put_bucket(Tier::Fine, b.start, &blobs)
@@ -414,8 +588,22 @@ impl Writer {
                 }
             }
             let mut rows: Vec<(HistKey, Counts)> = merged.into_iter().collect();
-            fold_to(&mut rows, self.cfg.keys_per_bucket);
+            fold_to(&mut rows, keep(&self.merge, self.cfg.keys_per_bucket));
             blobs.push((dim, record::encode_keys(&rows)));
+        }
+        let mut others: Vec<(u64, TableCounts)> = Vec::new();
+        for (_, blob) in store.range(Tier::Fine, NETNS_TABLE_DIM, start, end)? {
+            match record::decode_netns_tables(&blob) {
+                Ok(list) => {
+                    for (ns, t) in list {
+                        merge_table(&mut others, ns, t);
+                    }
+                }
+                Err(_) => corrupt += 1,
+            }
+        }
+        if !others.is_empty() {
+            blobs.push((NETNS_TABLE_DIM, record::encode_netns_tables(&others)));
         }
         let mut table = TableCounts::default();
         let fine = store.range(Tier::Fine, TABLE_DIM, start, end)?;
@@ -513,6 +701,14 @@ impl Writer {
 }
 
 /// Merges a bucket written before a restart with the rest of the same bucket.
+/// Adds a namespace's table to a list of them (a later part of the same bucket).
+fn merge_table(list: &mut Vec<(u64, TableCounts)>, ns: u64, t: TableCounts) {
+    match list.iter_mut().find(|(n, _)| *n == ns) {
+        Some((_, old)) => old.absorb_later(&t),
+        None => list.push((ns, t)),
+    }
+}
+
 fn merge_restarted(
     old: Vec<(HistKey, Counts)>,
     new: Vec<(HistKey, Counts)>,
@@ -528,29 +724,33 @@ fn merge_restarted(
 }
 
 /// Keeps the `keep` heaviest keys (by live_max, new, destroyed, as everywhere) and folds the
-/// rest, and any rows already folded, into one `(other)` row at the end.
+/// rest, and any rows already folded, into one `(other)` row per namespace at the end.
 pub fn fold_to(rows: &mut Vec<(HistKey, Counts)>, keep: usize) {
-    let mut other = Counts::default();
-    let mut any_other = false;
+    let mut other: std::collections::BTreeMap<u64, Counts> = Default::default();
     let items: Vec<(HistKey, (u64, u64, u64), Counts)> = rows
         .drain(..)
         .filter_map(|(k, c)| {
             if k.other {
-                other.absorb_parallel(&c);
-                any_other = true;
+                other.entry(k.netns).or_default().absorb_parallel(&c);
                 None
             } else {
                 Some((k, (c.live_max, c.new, c.destroyed), c))
             }
         })
         .collect();
-    let kept = crate::fold::top_n(items, keep, |_, c| {
-        other.absorb_parallel(&c);
-        other.keys += 1;
-        any_other = true;
+    let kept = crate::fold::top_n(items, keep, |k, c| {
+        let o = other.entry(k.netns).or_default();
+        o.absorb_parallel(&c);
+        o.keys += 1;
     });
     rows.extend(kept.into_iter().map(|(k, _, c)| (k, c)));
-    if any_other {
-        rows.push((HistKey::OTHER, other));
-    }
+    rows.extend(other.into_iter().map(|(netns, c)| {
+        (
+            HistKey {
+                netns,
+                ..HistKey::OTHER
+            },
+            c,
+        )
+    }));
 }

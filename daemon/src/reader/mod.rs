@@ -203,6 +203,8 @@ pub struct Reader {
     base: BucketBase,
     history: Option<HistoryHandle>,
     control: Arc<Control>,
+    /// The namespace id its history keys carry (0: the daemon's own).
+    netns: u64,
 }
 
 /// The cloneable front of the reader, for the rest of the daemon.
@@ -219,16 +221,42 @@ impl Handle {
     }
 }
 
+/// Another namespace than the thread's own: its nsfs file (the sockets are made inside it) and
+/// the id its history keys carry.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub file: &'a std::fs::File,
+    pub netns: u64,
+}
+
+/// Runs `f` inside `target`'s namespace (on a thread of its own), or here.
+pub fn in_target<T: Send>(
+    target: Option<Target<'_>>,
+    f: impl FnOnce() -> Result<T, NetlinkError> + Send,
+) -> Result<T, NetlinkError> {
+    match target {
+        None => f(),
+        Some(t) => crate::netns::in_netns(t.file, f).map_err(|source| NetlinkError::Io {
+            what: "entering the network namespace",
+            source,
+        })?,
+    }
+}
+
 impl Reader {
     /// Opens the sockets, subscribes, and runs the first dump, so that the live picture is
-    /// right before anyone can ask. Errors here (missing CAP_NET_ADMIN, no ctnetlink) are fatal.
+    /// right before anyone can ask. Errors here (missing CAP_NET_ADMIN, no ctnetlink) are fatal
+    /// for the daemon's own namespace. `target`: follow another namespace than this thread's.
     pub fn start(
         cfg: ReaderConfig,
         history: Option<HistoryHandle>,
         kernel: Kernel,
+        target: Option<Target<'_>>,
     ) -> Result<(Reader, Handle), NetlinkError> {
-        let (events, rcvbuf) = EventSocket::open(cfg.rcvbuf, cfg.dns)?;
-        let mut requests = RequestSocket::open()?;
+        let (rcv, dns) = (cfg.rcvbuf, cfg.dns);
+        let ((events, rcvbuf), mut requests) = in_target(target, move || {
+            Ok((EventSocket::open(rcv, dns)?, RequestSocket::open()?))
+        })?;
         let stats = requests.stats()?;
         kernel.seed(stats);
         let control = Control::new()?;
@@ -269,6 +297,7 @@ impl Reader {
             base: BucketBase::default(),
             history,
             control: control.clone(),
+            netns: target.map_or(0, |t| t.netns),
         };
         reader.dump(DumpReason::Startup)?;
         reader.open_bucket();
@@ -456,7 +485,12 @@ impl Reader {
     /// Closes the open bucket, hands it to the history writer, and opens the next.
     fn close_bucket(&mut self, now: u64) {
         let start = self.clock.advance(now);
-        let dims = self.tracker.close_bucket(self.cfg.keys_per_bucket);
+        let mut dims = self.tracker.close_bucket(self.cfg.keys_per_bucket);
+        if self.netns != 0 {
+            for (k, _) in dims.iter_mut().flatten() {
+                k.netns = self.netns;
+            }
+        }
         let k = self.kernel.view();
         let b = &self.base;
         let f = &self.meta.figures;
@@ -477,7 +511,12 @@ impl Reader {
             clash_resolve: kc.clash_resolve.saturating_sub(b.kernel.clash_resolve),
         };
         if let Some(h) = &self.history {
-            h.submit(Bucket { start, dims, table });
+            h.submit(Bucket {
+                start,
+                netns: self.netns,
+                dims,
+                table,
+            });
         }
         self.open_bucket();
     }

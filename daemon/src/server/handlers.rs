@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ctwatch_parse::params::{self, ParamError, Params};
+use ctwatch_parse::params::{self, NetnsSel, ParamError, Params};
 use ctwatch_proto::{
     errors, ClientsStatus, DnsStatus, EventCounters, HealthStatus, IncidentsReply, KmsgStatus,
     Reply, Request, StatusReply, Toggle, TopParams, INTERFACE, INTERFACE_DESCRIPTION,
@@ -26,6 +26,7 @@ use crate::history::query::{OpenBucket, QueryError};
 use crate::history::HistoryHandle;
 use crate::kmsg::KmsgStats;
 use crate::monitor::{Kernel, MonitorHandle};
+use crate::node::Ns;
 use crate::reader::{self, unix_now};
 use crate::stats::snapshot::pct;
 use crate::supervise::Health;
@@ -50,11 +51,18 @@ pub struct Ctx {
     pub streams: Arc<Semaphore>,
     pub max_streams: usize,
     pub clients: Arc<super::ClientCounters>,
+    /// The namespaces followed (one, or all of the node's with `--all-netns`).
+    pub node: Arc<crate::node::Node>,
 }
 
 /// The reply for refused parameters.
 pub fn param_error(e: ParamError) -> Bytes {
     plain(ApiError::Param(e).reply())
+}
+
+/// The reply for any refusal.
+pub fn error_reply(e: ApiError) -> Bytes {
+    plain(e.reply())
 }
 
 /// The reply for a refusal with a reason.
@@ -69,6 +77,8 @@ pub enum ApiError {
     InterfaceNotFound(String),
     MethodNotFound(String),
     NoSuchIncident(u64),
+    /// The namespace a call names (as given), and why it is not one.
+    NoSuchNetns(String, String),
     /// History is off in the configuration.
     HistoryDisabled,
     /// The store could not be opened or read (see `ctctl status`).
@@ -107,6 +117,10 @@ impl ApiError {
             ApiError::NoSuchIncident(id) => {
                 Reply::error(errors::NO_SUCH_INCIDENT, json!({ "id": id }))
             }
+            ApiError::NoSuchNetns(netns, reason) => Reply::error(
+                errors::NO_SUCH_NETNS,
+                json!({ "netns": netns, "reason": reason }),
+            ),
             ApiError::HistoryDisabled => Reply::error(
                 errors::UNAVAILABLE,
                 json!({ "reason": "history is disabled in the configuration ([history] enabled = false)" }),
@@ -141,6 +155,7 @@ enum Route {
     Advise,
     Dns,
     Watch,
+    Netns,
 }
 
 impl Route {
@@ -155,6 +170,7 @@ impl Route {
         Route::Advise,
         Route::Dns,
         Route::Watch,
+        Route::Netns,
     ];
 
     fn find(interface: &str, method: &str) -> Result<Route, ApiError> {
@@ -169,6 +185,7 @@ impl Route {
             (INTERFACE, "Advise") => Ok(Route::Advise),
             (INTERFACE, "Dns") => Ok(Route::Dns),
             (INTERFACE, "Watch") => Ok(Route::Watch),
+            (INTERFACE, "Netns") => Ok(Route::Netns),
             (SERVICE_INTERFACE, _) | (INTERFACE, _) => {
                 Err(ApiError::MethodNotFound(format!("{interface}.{method}")))
             }
@@ -200,6 +217,61 @@ fn store_of(ctx: &Ctx) -> Result<crate::store::Store, ApiError> {
     h.store().ok_or_else(|| {
         ApiError::StoreUnavailable(h.stats().last_error.unwrap_or_else(|| "not open".into()))
     })
+}
+
+/// What a call's `netns` selects.
+pub enum Picked {
+    One(Arc<Ns>),
+    /// Every namespace followed (`netns: all`).
+    All,
+}
+
+/// The namespace a call names; absent: the daemon's own.
+fn pick(ctx: &Ctx, p: &mut Params) -> Result<Picked, ApiError> {
+    let sel = params::netns(p)?;
+    let by_text = |text: String| {
+        ctx.node
+            .select(&text)
+            .map(Picked::One)
+            .map_err(|why| ApiError::NoSuchNetns(text, why))
+    };
+    match sel {
+        None => Ok(Picked::One(ctx.node.primary())),
+        Some(NetnsSel::All) => Ok(Picked::All),
+        Some(NetnsSel::Id(id)) => by_text(id.to_string()),
+        Some(NetnsSel::Name(n)) => by_text(n),
+    }
+}
+
+/// The one namespace a call names (`all` is refused: the method answers for one).
+pub(super) fn pick_one(ctx: &Ctx, p: &mut Params, method: &str) -> Result<Arc<Ns>, ApiError> {
+    match pick(ctx, p)? {
+        Picked::One(n) => Ok(n),
+        Picked::All => Err(ApiError::NoSuchNetns(
+            "all".into(),
+            format!("{method} answers for one namespace: name one (see ctctl netns)"),
+        )),
+    }
+}
+
+/// The open bucket's rows of one namespace, its keys carrying the namespace as stored ones do.
+fn open_rows(
+    ns: &Ns,
+    snap: &crate::stats::Snapshot,
+    by: ctwatch_proto::Dimension,
+    keep: usize,
+) -> Vec<(
+    crate::history::record::HistKey,
+    crate::history::record::Counts,
+)> {
+    let mut rows = snap.open_bucket(by, keep);
+    let tag = ns.tag();
+    if tag != 0 {
+        for (k, _) in &mut rows {
+            k.netns = tag;
+        }
+    }
+    rows
 }
 
 /// Runs `f` on the blocking pool under one heavy-call permit, within `deadline`.
@@ -307,6 +379,9 @@ fn status(ctx: &Ctx) -> StatusReply {
             watchers: (ctx.max_streams - ctx.streams.available_permits()) as u64,
             watchers_dropped: load(&ctx.clients.watchers_dropped),
         },
+        namespaces: super::netns::summary(&ctx.node),
+        netns_id: Some(ctx.node.primary().id),
+        netns_name: ctx.node.primary().name(),
         dns: DnsStatus {
             enabled: ctx.dns,
             queries: snap.dns.queries,
@@ -363,21 +438,73 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             }
             answer("status", &s)
         }
+        Route::Netns => {
+            let limit = p.count("limit", 1000, 100_000)?;
+            p.check_unknown()?;
+            let node = ctx.node.clone();
+            heavy(ctx, deadline, move |_| {
+                answer("namespaces", &super::netns::list(&node, limit))
+            })
+            .await
+        }
         Route::Top => {
+            let picked = pick(ctx, p)?;
             let t: TopParams = params::top(p)?;
-            let snap = ctx.reader.snapshot();
-            let count = ctx.kernel.view().stats.entries;
-            heavy(ctx, deadline, move |_| answer("top", &snap.top(&t, count))).await
+            match picked {
+                Picked::One(ns) => {
+                    let snap = ns.reader.snapshot();
+                    let count = ns.kernel.view().stats.entries;
+                    let (id, name, all) = (ns.id, ns.name(), ctx.node.all);
+                    heavy(ctx, deadline, move |_| {
+                        let mut r = snap.top(&t, count);
+                        if all {
+                            for e in r.entries.iter_mut().filter(|e| e.other.is_none()) {
+                                e.netns_id = Some(id);
+                                e.netns_name = name.clone();
+                            }
+                        }
+                        answer("top", &r)
+                    })
+                    .await
+                }
+                Picked::All => {
+                    let units = ctx.node.units();
+                    heavy(ctx, deadline, move |_| {
+                        answer("top", &super::netns::top_all(&units, &t))
+                    })
+                    .await
+                }
+            }
         }
         Route::Query => {
             let now = unix_now();
-            let q = params::query(p, now)?;
+            let picked = pick(ctx, p)?;
+            let mut q = params::query(p, now)?;
             let h = ctx.history.clone().ok_or(ApiError::HistoryDisabled)?;
-            let snap = ctx.reader.snapshot();
+            let units: Vec<Arc<Ns>> = match &picked {
+                Picked::One(ns) => vec![ns.clone()],
+                Picked::All => ctx.node.units().to_vec(),
+            };
+            q.netns = match &picked {
+                Picked::One(ns) => Some(ns.tag()),
+                Picked::All => None,
+            };
+            q.label_netns = ctx.node.all.then(|| ctx.node.primary().id);
+            let snaps: Vec<(Arc<Ns>, Arc<crate::stats::Snapshot>)> = units
+                .into_iter()
+                .map(|n| {
+                    let s = n.reader.snapshot();
+                    (n, s)
+                })
+                .collect();
             heavy(ctx, deadline, move |deadline| {
+                let keep = h.cfg.keys_per_bucket;
                 let open = OpenBucket {
-                    start: snap.bucket_start,
-                    rows: snap.open_bucket(q.by, h.cfg.keys_per_bucket),
+                    start: snaps[0].1.bucket_start,
+                    rows: snaps
+                        .iter()
+                        .flat_map(|(n, s)| open_rows(n, s, q.by, keep))
+                        .collect(),
                 };
                 match crate::history::query::query(&h, &q, now, Some(open), deadline) {
                     Ok(r) => answer("query", &r),
@@ -390,9 +517,29 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             .await
         }
         Route::Incidents => {
-            let ip = params::incidents(p)?;
+            // Without `netns`: every namespace's incidents (each carries its netns_id).
+            let only = match params::netns(p)? {
+                None | Some(NetnsSel::All) => None,
+                Some(NetnsSel::Id(id)) => {
+                    Some(ctx.node.select(&id.to_string()).map(|n| n.id).unwrap_or(id))
+                }
+                Some(NetnsSel::Name(n)) => Some(
+                    ctx.node
+                        .select(&n)
+                        .map_err(|why| ApiError::NoSuchNetns(n.clone(), why))?
+                        .id,
+                ),
+            };
+            let mut ip = params::incidents(p)?;
+            ip.netns = only;
+            ip.own_netns = ctx.node.primary().id;
             let store = store_of(ctx)?;
-            let open = ctx.monitor.open.load_full();
+            let open: Vec<ctwatch_proto::Incident> = ctx
+                .node
+                .units()
+                .iter()
+                .flat_map(|n| n.monitor.open.load().iter().cloned().collect::<Vec<_>>())
+                .collect();
             heavy(ctx, deadline, move |_| {
                 let page = crate::incidents::page(&store, &open, &ip)
                     .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
@@ -402,8 +549,10 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
         }
         Route::Incident => {
             let id = params::incident(p)?;
-            if let Some(i) = ctx.monitor.open.load().iter().find(|i| i.id == id) {
-                return answer("incident", i);
+            for n in ctx.node.units().iter() {
+                if let Some(i) = n.monitor.open.load().iter().find(|i| i.id == id) {
+                    return answer("incident", i);
+                }
             }
             let store = store_of(ctx)?;
             let blob = tokio::task::spawn_blocking(move || store.incident(id))
@@ -420,17 +569,21 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
         }
         Route::Watch => {
             // Without `more`: one frame (rates need a previous one, so they are zero).
+            let ns = pick_one(ctx, p, "Watch")?;
             let w = params::watch(p)?;
-            let mut watcher = super::watch::Watcher::new(w, ctx);
-            answer("frame", &watcher.frame(ctx))
+            let mut watcher = super::watch::Watcher::new(w, ns);
+            answer("frame", &watcher.frame())
         }
         Route::Dns => {
             let now = unix_now();
+            let ns = pick_one(ctx, p, "Dns")?;
             let dp = params::dns(p, now)?;
-            let snap = ctx.reader.snapshot();
-            let kernel = ctx.kernel.view();
+            let snap = ns.reader.snapshot();
+            let kernel = ns.kernel.view();
             let h = ctx.history.clone();
-            let open = ctx.monitor.open.load_full();
+            let open = ns.monitor.open.load_full();
+            let tag = ns.tag();
+            let (own, ns) = (ctx.node.primary().id, ns.clone());
             let replies = ctx.dns;
             heavy(ctx, deadline, move |deadline| {
                 // The insert-race incidents of the window: open ones, and the stored ones.
@@ -443,6 +596,8 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                             since: dp.since.saturating_sub(86_400),
                             before: None,
                             limit: 200,
+                            netns: Some(ns.id),
+                            own_netns: own,
                         },
                     )
                     .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
@@ -457,6 +612,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                     now,
                     deadline,
                     replies,
+                    tag,
                 ) {
                     Ok(r) => answer("dns", &r),
                     Err(QueryError::Deadline) => Err(ApiError::Deadline(
@@ -468,9 +624,10 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             .await
         }
         Route::Advise => {
+            let ns = pick_one(ctx, p, "Advise")?;
             let (headroom, object_size) = params::advise(p)?;
-            let snap = ctx.reader.snapshot();
-            let count = ctx.kernel.view().stats.entries;
+            let snap = ns.reader.snapshot();
+            let count = ns.kernel.view().stats.entries;
             let top = snap
                 .top(
                     &TopParams {
@@ -485,7 +642,11 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             let deadline = Instant::now() + ctx.request_timeout * 3;
             let facts = ctx
                 .advise
-                .facts(ctx.history.clone(), deadline)
+                .facts(
+                    ctx.history.clone(),
+                    deadline,
+                    ns.file.clone().map(|f| (f, ns.id)),
+                )
                 .await
                 .map_err(ApiError::Internal)?;
             heavy(ctx, deadline, move |_| {

@@ -14,6 +14,7 @@
 //! Method dispatch lives in `handlers`.
 
 mod handlers;
+mod netns;
 /// Connection slots, shared with the metrics endpoint.
 pub(crate) mod slots;
 mod watch;
@@ -449,6 +450,10 @@ impl Connection {
     /// connection is to be closed (the client went, fell behind, or spoke mid-stream).
     async fn stream(&mut self, uid: u32, req: ctwatch_proto::Request) -> Option<Bytes> {
         let mut p = ctwatch_parse::params::Params::new(req.parameters);
+        let ns = match handlers::pick_one(&self.ctx, &mut p, "Watch") {
+            Ok(ns) => ns,
+            Err(e) => return Some(handlers::error_reply(e)),
+        };
         let params = match ctwatch_parse::params::watch(&mut p) {
             Ok(w) => w,
             Err(e) => return Some(handlers::param_error(e)),
@@ -462,13 +467,13 @@ impl Connection {
         let interval = Duration::from_millis(params.interval_ms);
         // A watcher that cannot take a frame in this long is dropped, never waited for.
         let patience = interval.min(self.write_timeout);
-        let mut w = watch::Watcher::new(params, &self.ctx);
+        let mut w = watch::Watcher::new(params, ns);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let frame = w.frame(&self.ctx);
+                    let frame = w.frame();
                     let text = continued(&frame)?;
                     match tokio::time::timeout(patience, self.framed.send(text)).await {
                         Ok(Ok(())) => {}

@@ -9,9 +9,11 @@ use std::time::Instant;
 
 use ctwatch_proto::{Incident, IncidentRef, WatchFrame, WatchParams, WatchRow};
 
-use super::handlers::Ctx;
+use std::sync::Arc;
+
 use crate::dims::FlatKey;
 use crate::history::query::rfc3339;
+use crate::node::Ns;
 use crate::reader::unix_now;
 use crate::stats::snapshot::{pct, round2};
 
@@ -36,6 +38,7 @@ struct Prev {
 
 pub struct Watcher {
     pub params: WatchParams,
+    ns: Arc<Ns>,
     prev: Option<Prev>,
     seq: u64,
     /// Incidents already shown as open.
@@ -43,20 +46,21 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(params: WatchParams, ctx: &Ctx) -> Watcher {
+    pub fn new(params: WatchParams, ns: Arc<Ns>) -> Watcher {
         // Incidents open when the stream starts are not news.
-        let seen = ctx.monitor.open.load().iter().map(|i| i.id).collect();
+        let seen = ns.monitor.open.load().iter().map(|i| i.id).collect();
         Watcher {
             params,
+            ns,
             prev: None,
             seq: 0,
             seen,
         }
     }
 
-    pub fn frame(&mut self, ctx: &Ctx) -> WatchFrame {
-        let snap = ctx.reader.snapshot();
-        let k = ctx.kernel.view();
+    pub fn frame(&mut self) -> WatchFrame {
+        let snap = self.ns.reader.snapshot();
+        let k = self.ns.kernel.view();
         let count = k.stats.entries;
         let denom = count.max(snap.live).max(1);
         let now = Instant::now();
@@ -105,7 +109,7 @@ impl Watcher {
                 ..Default::default()
             });
         }
-        let open = ctx.monitor.open.load();
+        let open = self.ns.monitor.open.load();
         let opened: Vec<IncidentRef> = open
             .iter()
             .filter(|i| !self.seen.contains(&i.id))

@@ -1,0 +1,621 @@
+//! The node's namespaces (`--all-netns`): one [`Ns`] per network namespace followed, each with
+//! its own reader (event and request sockets made inside it, its live picture, dumps and
+//! reconciles), its own monitor (its count against the limit, its kernel counters, its
+//! incident engine), its history keys (tagged with its inode) and its name.
+//!
+//! **Why one socket per namespace**, rather than one socket with `NETLINK_LISTEN_ALL_NSID`:
+//! - an overrun (ENOBUFS) and the socket's drop counter say that *this socket* lost events; with
+//!   one socket for all namespaces the daemon would not know whose picture is wrong and would
+//!   have to dump every namespace after any overrun. With one socket each, a flood in one
+//!   namespace costs a resync of that one only;
+//! - dumps and statistics requests only ever answer for the socket's own namespace, so a
+//!   request socket per namespace is needed anyway;
+//! - `LISTEN_ALL_NSID` only reports namespaces that have an id assigned relative to ours
+//!   (`ip netns set`, or one made by the kernel on first use), and the event's nsid is not the
+//!   inode the kernel log and operators use.
+//!
+//! The cost: two sockets and two threads per namespace (a third while a dump runs), bounded by
+//! `max_namespaces`. Namespaces beyond it are listed as untracked, never silently dropped.
+//!
+//! **Found and retired** by [`Discovery`] every `SCAN_EVERY`: what `netns::discover` finds
+//! (bind mounts and processes). A socket in a namespace keeps it alive, so a namespace that
+//! nothing but ctwatchd holds is gone: its threads stop (its last bucket goes to history, its
+//! open incidents are saved) and its sockets close, freeing it.
+//!
+//! **Bounded for the node.** The key caps (`[limits]`) are the daemon's own namespace's; every
+//! other namespace gets `1/OTHER_CAP_DIVISOR` of each (at least `MIN_OTHER_CAP`): counts stay
+//! exact, only keys beyond the cap fold into `(other)`. What grows with the table itself (one
+//! record per entry) is bounded by the kernel's own table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tracing::{info, warn};
+
+use crate::conntrack::RequestSocket;
+use crate::history::HistoryHandle;
+use crate::incidents::{Engine, IncidentConfig};
+use crate::kmsg::{KmsgEvent, KmsgKind};
+use crate::monitor::{Kernel, Monitor, MonitorHandle};
+use crate::netns::discover::{self, Roots, Seen};
+use crate::netns::NetnsId;
+use crate::reader::{self, Reader, ReaderConfig, Target};
+use crate::stats::Caps;
+use crate::supervise::{Fatal, Health};
+
+/// How often namespaces are looked for.
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// Wait before trying again a namespace whose reader could not start.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Other namespaces' key caps: the daemon's own divided by this...
+pub const OTHER_CAP_DIVISOR: usize = 16;
+/// ...but never below this.
+pub const MIN_OTHER_CAP: usize = 256;
+
+/// What is known of a namespace besides its conntrack figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsInfo {
+    /// The file it was opened by (a bind mount, or a process's `ns/net`).
+    pub path: PathBuf,
+    pub ip_names: Vec<String>,
+    pub docker: Option<String>,
+    pub processes: u32,
+    pub pids: Vec<u32>,
+}
+
+impl From<&Seen> for NsInfo {
+    fn from(s: &Seen) -> Self {
+        NsInfo {
+            path: s.path.clone(),
+            ip_names: s.ip_names.clone(),
+            docker: s.docker.clone(),
+            processes: s.processes,
+            pids: s.pids.clone(),
+        }
+    }
+}
+
+/// One namespace followed.
+pub struct Ns {
+    /// Its inode number.
+    pub id: NetnsId,
+    /// The daemon's own (the one `--netns` names, or the one it runs in).
+    pub primary: bool,
+    pub reader: reader::Handle,
+    pub kernel: Kernel,
+    pub monitor: MonitorHandle,
+    /// Its parts that do not work (for another namespace, apart from the daemon's health).
+    pub health: Arc<Health>,
+    /// Its name now (`names`), shared with its incident engine, and what kind of name it is.
+    pub name: Arc<ArcSwapOption<String>>,
+    pub kind: ArcSwapOption<String>,
+    pub info: ArcSwap<NsInfo>,
+    /// When the daemon began following it.
+    pub since: Instant,
+    retired: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Kept open while it is followed (sysctls are read inside it); `None` for the daemon's
+    /// own.
+    pub file: Option<Arc<File>>,
+}
+
+impl Ns {
+    /// The daemon's own namespace, from the parts `run` made.
+    pub fn primary(
+        id: NetnsId,
+        reader: reader::Handle,
+        kernel: Kernel,
+        monitor: MonitorHandle,
+        health: Arc<Health>,
+        name: Arc<ArcSwapOption<String>>,
+    ) -> Ns {
+        Ns {
+            id,
+            primary: true,
+            reader,
+            kernel,
+            monitor,
+            health,
+            name,
+            kind: ArcSwapOption::empty(),
+            info: ArcSwap::from_pointee(NsInfo::default()),
+            since: Instant::now(),
+            retired: Arc::new(AtomicBool::new(false)),
+            threads: Mutex::new(Vec::new()),
+            file: None,
+        }
+    }
+
+    /// Its name, if one is known.
+    pub fn name(&self) -> Option<String> {
+        self.name.load_full().map(|n| (*n).clone())
+    }
+
+    pub fn name_kind(&self) -> Option<String> {
+        self.kind.load_full().map(|n| (*n).clone())
+    }
+
+    /// The namespace its history keys carry: 0 for the daemon's own, else its inode.
+    pub fn tag(&self) -> u64 {
+        if self.primary {
+            0
+        } else {
+            self.id
+        }
+    }
+
+    /// Nothing tracked since the daemon began following it: conntrack is off there (the
+    /// kernel only tracks in a namespace once a rule needs it), or nothing ever connected.
+    pub fn tracked_nothing(&self) -> bool {
+        let s = self.reader.snapshot();
+        s.figures.new == 0
+            && s.live == 0
+            && s.last_dump.is_none_or(|d| d.entries == 0)
+            && self.kernel.view().stats.entries == 0
+    }
+
+    /// Stops its threads: the reader hands its last bucket to history, the monitor saves its
+    /// open incidents; then its sockets close.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.reader.control.stop();
+        self.monitor.stop();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The name a namespace has from what mounts it, before anything looks inside: the daemon's
+/// own is `host` when it is PID 1's; else its `ip netns` name; else Docker's handle.
+pub fn mount_name(primary: bool, id: NetnsId, info: &NsInfo) -> Option<(String, &'static str)> {
+    if primary && crate::netns::id_of(std::path::Path::new("/proc/1/ns/net")).ok() == Some(id) {
+        return Some(("host".into(), "host"));
+    }
+    if let Some(n) = info.ip_names.first() {
+        return Some((n.clone(), "netns"));
+    }
+    info.docker
+        .as_ref()
+        .map(|d| (format!("docker {}", &d[..d.len().min(12)]), "container"))
+}
+
+impl Ns {
+    /// Sets its name (and kind) when it changed.
+    pub fn set_name(&self, name: Option<(String, &str)>) {
+        let (n, k) = match name {
+            Some((n, k)) => (Some(n), Some(k.to_string())),
+            None => (None, None),
+        };
+        if self.name() != n {
+            self.name.store(n.map(Arc::new));
+        }
+        if self.name_kind() != k {
+            self.kind.store(k.map(Arc::new));
+        }
+    }
+}
+
+/// A namespace found but not followed, and why.
+#[derive(Debug, Clone)]
+pub struct Untracked {
+    pub id: NetnsId,
+    pub info: NsInfo,
+    pub why: String,
+}
+
+/// The namespaces followed (the daemon's own first), and those that are not.
+pub struct Node {
+    /// `--all-netns`.
+    pub all: bool,
+    units: ArcSwap<Vec<Arc<Ns>>>,
+    untracked: ArcSwap<Vec<Untracked>>,
+    /// Table-full lines for a namespace not followed.
+    pub kmsg_untracked: AtomicU64,
+}
+
+impl Node {
+    pub fn new(primary: Arc<Ns>, all: bool) -> Arc<Node> {
+        Arc::new(Node {
+            all,
+            units: ArcSwap::from_pointee(vec![primary]),
+            untracked: ArcSwap::from_pointee(Vec::new()),
+            kmsg_untracked: AtomicU64::new(0),
+        })
+    }
+
+    /// Every namespace followed, the daemon's own first.
+    pub fn units(&self) -> Arc<Vec<Arc<Ns>>> {
+        self.units.load_full()
+    }
+
+    pub fn untracked(&self) -> Arc<Vec<Untracked>> {
+        self.untracked.load_full()
+    }
+
+    pub fn primary(&self) -> Arc<Ns> {
+        self.units.load()[0].clone()
+    }
+
+    pub fn by_id(&self, id: NetnsId) -> Option<Arc<Ns>> {
+        self.units.load().iter().find(|n| n.id == id).cloned()
+    }
+
+    /// The namespace a client names: its inode number, its `ip netns` name, or its name
+    /// (`default/web-5d8f`, `host`); `self` for the daemon's own.
+    pub fn select(&self, sel: &str) -> Result<Arc<Ns>, String> {
+        let sel = sel.trim();
+        let units = self.units.load();
+        if sel == "self" {
+            return Ok(units[0].clone());
+        }
+        if let Ok(id) = sel.parse::<u64>() {
+            return units.iter().find(|n| n.id == id).cloned().ok_or_else(|| {
+                if self.untracked.load().iter().any(|u| u.id == id) {
+                    format!("network namespace {id} is not followed (see ctctl netns)")
+                } else {
+                    format!("no network namespace {id} (see ctctl netns)")
+                }
+            });
+        }
+        let by_name: Vec<&Arc<Ns>> = units
+            .iter()
+            .filter(|n| {
+                n.info.load().ip_names.iter().any(|i| i == sel) || n.name().as_deref() == Some(sel)
+            })
+            .collect();
+        match by_name.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!(
+                "no network namespace named {sel:?} (see ctctl netns)"
+            )),
+            many => Err(format!(
+                "{} network namespaces are named {sel:?}: give its number ({})",
+                many.len(),
+                many.iter()
+                    .map(|n| n.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    /// Hands a kernel-log event to the monitor of its namespace: a line naming one goes to
+    /// that namespace's; one that names none (kernels before 6.17) to the fullest namespace's;
+    /// a suppressed count to the namespaces with a table-full incident open. False once the
+    /// daemon's own monitor is gone.
+    pub fn route_kmsg(&self, ev: KmsgEvent) -> bool {
+        let units = self.units.load_full();
+        match ev.kind {
+            KmsgKind::TableFull { netns: Some(id) } => match units.iter().find(|n| n.id == id) {
+                Some(n) => n.monitor.kmsg(ev) || !n.primary,
+                None => {
+                    self.kmsg_untracked.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+            },
+            KmsgKind::TableFull { netns: None } => {
+                let fullest = units
+                    .iter()
+                    .max_by(|a, b| {
+                        let u = |n: &Ns| {
+                            let k = n.kernel.view();
+                            k.stats.entries as f64 / k.stats.max.max(1) as f64
+                        };
+                        u(a).total_cmp(&u(b))
+                    })
+                    .unwrap_or(&units[0]);
+                fullest.monitor.kmsg(ev) || !fullest.primary
+            }
+            KmsgKind::Suppressed(_) => {
+                let mut ok = true;
+                for n in units.iter().filter(|n| {
+                    n.monitor
+                        .open
+                        .load()
+                        .iter()
+                        .any(|i| i.kind == crate::incidents::Kind::TableFull.as_str())
+                }) {
+                    ok &= n.monitor.kmsg(ev) || !n.primary;
+                }
+                ok
+            }
+            KmsgKind::ExpectationFull => units[0].monitor.kmsg(ev),
+        }
+    }
+}
+
+/// What starting another namespace's parts takes.
+pub struct UnitConfig {
+    pub reader: ReaderConfig,
+    pub incidents: IncidentConfig,
+    pub history: Option<HistoryHandle>,
+    pub fatal: Arc<Fatal>,
+    /// Incident ids, shared with the daemon's own engine.
+    pub ids: Arc<AtomicU64>,
+    pub max_namespaces: usize,
+}
+
+/// Another namespace's key caps (see the module doc).
+pub fn other_caps(c: Caps) -> Caps {
+    let f = |n: usize| (n / OTHER_CAP_DIVISOR).max(MIN_OTHER_CAP).min(n);
+    Caps {
+        services: f(c.services),
+        clients: f(c.clients),
+        flows: f(c.flows),
+        backends: f(c.backends),
+        dns_servers: f(c.dns_servers),
+        dns_clients: f(c.dns_clients),
+    }
+}
+
+/// Starts following namespace `seen`: its reader (startup dump included) and its monitor.
+fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
+    let file = Arc::new(
+        File::open(&seen.path).map_err(|e| format!("cannot open {}: {e}", seen.path.display()))?,
+    );
+    // The file must still be the namespace found (a PID reused since the scan is another).
+    let id = crate::netns::id_of(&seen.path).map_err(|e| e.to_string())?;
+    if id != seen.id {
+        return Err("it went away while starting".into());
+    }
+    let kernel = Kernel::default();
+    let mut rcfg = cfg.reader.clone();
+    rcfg.caps = other_caps(rcfg.caps);
+    rcfg.netns = Some(id.to_string());
+    let retired = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let (rf, rk, rh) = (file.clone(), kernel.clone(), cfg.history.clone());
+    let reader_thread = crate::supervise::spawn_retirable(
+        "ct-ns-reader",
+        cfg.fatal.clone(),
+        retired.clone(),
+        move || {
+            let target = Target {
+                file: &rf,
+                netns: id,
+            };
+            match Reader::start(rcfg, rh, rk, Some(target)) {
+                Ok((r, h)) => {
+                    let _ = ready_tx.send(Ok(h));
+                    r.run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            }
+        },
+    )
+    .map_err(|e| format!("cannot start a thread: {e}"))?;
+    let handle = match ready_rx.recv() {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            retired.store(true, Ordering::SeqCst);
+            let _ = reader_thread.join();
+            return Err(e);
+        }
+        Err(_) => return Err("its reader died while starting".into()),
+    };
+    let stop_reader = |why: String| {
+        retired.store(true, Ordering::SeqCst);
+        handle.control.stop();
+        why
+    };
+    let requests = reader::in_target(
+        Some(Target {
+            file: &file,
+            netns: id,
+        }),
+        RequestSocket::open,
+    )
+    .map_err(|e| stop_reader(e.to_string()))?;
+    let name: Arc<ArcSwapOption<String>> = Default::default();
+    let engine = Engine::new(
+        cfg.incidents.clone(),
+        id,
+        name.clone(),
+        cfg.history.clone(),
+        Some(cfg.ids.clone()),
+    );
+    let health = Health::new();
+    let (mon, monitor) = Monitor::new(
+        requests,
+        kernel.clone(),
+        engine,
+        handle.published.clone(),
+        health.clone(),
+    );
+    let mon = mon.in_netns(file.clone());
+    let monitor_thread = crate::supervise::spawn_retirable(
+        "ct-ns-monitor",
+        cfg.fatal.clone(),
+        retired.clone(),
+        move || mon.run(),
+    )
+    .map_err(|e| stop_reader(format!("cannot start a thread: {e}")))?;
+    Ok(Arc::new(Ns {
+        id,
+        primary: false,
+        reader: handle,
+        kernel,
+        monitor,
+        health,
+        name,
+        kind: ArcSwapOption::empty(),
+        info: ArcSwap::from_pointee(NsInfo::from(seen)),
+        since: Instant::now(),
+        retired,
+        threads: Mutex::new(vec![reader_thread, monitor_thread]),
+        file: Some(file),
+    }))
+}
+
+/// Finds namespaces, follows new ones, retires gone ones (`--all-netns`).
+pub struct Discovery {
+    node: Arc<Node>,
+    cfg: UnitConfig,
+    roots: Roots,
+    /// Namespaces whose reader could not start, and when to try again.
+    failed: HashMap<NetnsId, (Instant, String)>,
+    /// What the last scan found, for the names.
+    pub last_seen: Arc<ArcSwap<BTreeMap<NetnsId, Seen>>>,
+    /// Names are set by the name resolver (`names`), not from mounts alone.
+    pub names_elsewhere: bool,
+}
+
+impl Discovery {
+    pub fn new(node: Arc<Node>, cfg: UnitConfig) -> Discovery {
+        Discovery {
+            node,
+            cfg,
+            roots: Roots::default(),
+            failed: HashMap::new(),
+            last_seen: Default::default(),
+            names_elsewhere: false,
+        }
+    }
+
+    /// One scan: start what is new (up to the cap), retire what is gone.
+    pub fn scan(&mut self) {
+        let primary = self.node.primary();
+        let found = discover::discover(
+            &self.roots,
+            (primary.id, std::path::Path::new("/proc/self/ns/net")),
+        );
+        let units = self.node.units();
+        let mut keep: Vec<Arc<Ns>> = Vec::with_capacity(units.len());
+        let mut gone: Vec<Arc<Ns>> = Vec::new();
+        for n in units.iter() {
+            if n.primary || found.contains_key(&n.id) {
+                if let Some(s) = found.get(&n.id) {
+                    let info = NsInfo::from(s);
+                    if **n.info.load() != info {
+                        n.info.store(Arc::new(info));
+                    }
+                }
+                keep.push(n.clone());
+            } else {
+                gone.push(n.clone());
+            }
+        }
+        let mut untracked = Vec::new();
+        let now = Instant::now();
+        self.failed
+            .retain(|id, (t, _)| found.contains_key(id) && *t > now);
+        for (id, s) in &found {
+            if keep.iter().any(|n| n.id == *id) {
+                continue;
+            }
+            if let Some((_, why)) = self.failed.get(id) {
+                untracked.push(Untracked {
+                    id: *id,
+                    info: NsInfo::from(s),
+                    why: why.clone(),
+                });
+                continue;
+            }
+            if keep.len() >= self.cfg.max_namespaces {
+                untracked.push(Untracked {
+                    id: *id,
+                    info: NsInfo::from(s),
+                    why: format!(
+                        "{} namespaces are followed already ([limits] max_namespaces)",
+                        self.cfg.max_namespaces
+                    ),
+                });
+                continue;
+            }
+            match start_unit(&self.cfg, s) {
+                Ok(n) => {
+                    info!(
+                        netns = id,
+                        path = %s.path.display(),
+                        "following network namespace"
+                    );
+                    keep.push(n);
+                }
+                Err(why) => {
+                    warn!(netns = id, path = %s.path.display(), error = %why, "cannot follow network namespace; will retry");
+                    self.failed.insert(*id, (now + RETRY_AFTER, why.clone()));
+                    untracked.push(Untracked {
+                        id: *id,
+                        info: NsInfo::from(s),
+                        why,
+                    });
+                }
+            }
+        }
+        if gone.is_empty() && keep.len() == units.len() {
+            // Nothing started or retired: keep the list as it is.
+        } else {
+            self.node.units.store(Arc::new(keep));
+        }
+        self.node.untracked.store(Arc::new(untracked));
+        if !self.names_elsewhere {
+            for n in self.node.units().iter() {
+                n.set_name(mount_name(n.primary, n.id, &n.info.load()));
+            }
+        }
+        if let Some(h) = &self.cfg.history {
+            h.set_namespaces(self.node.units().len());
+        }
+        for n in gone {
+            info!(netns = n.id, "network namespace gone: no longer followed");
+            n.retire();
+        }
+        self.last_seen.store(Arc::new(found));
+    }
+
+    /// Scans every `SCAN_EVERY` until `stop`; then retires every other namespace.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::SeqCst) {
+            self.scan();
+            let until = Instant::now() + SCAN_EVERY;
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.retire_all();
+    }
+
+    /// Stops every namespace but the daemon's own (at shutdown).
+    pub fn retire_all(&mut self) {
+        let units = self.node.units();
+        let (primary, others): (Vec<_>, Vec<_>) = units.iter().cloned().partition(|n| n.primary);
+        self.node.units.store(Arc::new(primary));
+        for n in others {
+            n.retire();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_namespaces_get_a_share_of_each_cap() {
+        let c = other_caps(crate::stats::DEFAULT_CAPS);
+        assert_eq!(c.services, 16_384 / 16);
+        assert_eq!(c.flows, 131_072 / 16);
+        let small = other_caps(Caps {
+            services: 100,
+            clients: 5000,
+            flows: 1,
+            backends: 256,
+            dns_servers: 300,
+            dns_clients: 257,
+        });
+        assert_eq!(
+            (small.services, small.clients, small.flows, small.backends),
+            (100, 312, 1, 256),
+            "never above the daemon's own, never below the floor"
+        );
+    }
+}
