@@ -62,6 +62,8 @@ pub struct DaemonOpts {
     pub state_dir: Option<PathBuf>,
     /// Extra environment (NOTIFY_SOCKET, WATCHDOG_USEC, CTWATCHD_TEST_FAULT, ...).
     pub env: Vec<(String, String)>,
+    /// `--all-netns` (run in the test's own namespace, the host's) instead of `--netns`.
+    pub all_netns: bool,
 }
 
 pub struct Daemon {
@@ -74,18 +76,20 @@ pub struct Daemon {
     state: PathBuf,
     config: String,
     env: Vec<(String, String)>,
+    all_netns: bool,
 }
 
 impl Daemon {
     /// Starts ctwatchd without waiting for it: the command line `start` uses, logging (appending)
     /// to `log`.
     pub fn spawn_raw(ns: &Netns, dir: &Path, state_dir: &Path, config: &str, log: &Path) -> Child {
-        Self::spawn_env(ns, dir, state_dir, config, log, &[])
+        Self::spawn_env(Some(ns), dir, state_dir, config, log, &[])
     }
 
     /// `spawn_raw` with extra environment variables.
+    /// `ns`: the namespace to watch (`--netns`); `None`: `--all-netns`.
     pub fn spawn_env(
-        ns: &Netns,
+        ns: Option<&Netns>,
         dir: &Path,
         state_dir: &Path,
         config: &str,
@@ -99,10 +103,12 @@ impl Daemon {
             .append(true)
             .open(log)
             .unwrap();
-        Command::new(target_bin("ctwatchd"))
-            .arg("--netns")
-            .arg(ns.path())
-            .arg("--socket")
+        let mut cmd = Command::new(target_bin("ctwatchd"));
+        match ns {
+            Some(ns) => cmd.arg("--netns").arg(ns.path()),
+            None => cmd.arg("--all-netns"),
+        };
+        cmd.arg("--socket")
             .arg(dir.join("ctwatchd.sock"))
             .arg("--state-dir")
             .arg(state_dir)
@@ -130,7 +136,8 @@ impl Daemon {
             .state_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
-        let child = Self::spawn_env(ns, dir.path(), &state, &opts.config, &log, &opts.env);
+        let target = (!opts.all_netns).then_some(ns);
+        let child = Self::spawn_env(target, dir.path(), &state, &opts.config, &log, &opts.env);
         let mut d = Daemon {
             child: Some(child),
             socket,
@@ -140,6 +147,7 @@ impl Daemon {
             state,
             config: opts.config,
             env: opts.env,
+            all_netns: opts.all_netns,
         };
         d.wait_ready();
         d
@@ -160,7 +168,7 @@ impl Daemon {
     pub fn start_again(&mut self, ns: &Netns) {
         assert!(self.child.is_none(), "ctwatchd is still running");
         self.child = Some(Self::spawn_env(
-            ns,
+            (!self.all_netns).then_some(ns),
             self.dir.path(),
             &self.state,
             &self.config,

@@ -1,0 +1,307 @@
+//! `ctwatchd --all-netns` on the real kernel: every namespace followed with its own count, new
+//! ones picked up and gone ones retired, a flood in one namespace an incident of that namespace
+//! only, memory bounded with 100 namespaces.
+//!
+//! The daemon runs in the test's own namespace (the host's) and sees every namespace of the
+//! machine, other tests' included: the tests only look at the namespaces they made.
+
+use std::fs::File;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ctwatch_tests::support::*;
+use serde_json::Value;
+
+/// Tests that lower the global `nf_conntrack_max` hold this.
+static MAX_LOCK: Mutex<()> = Mutex::new(());
+
+fn inode(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// Runs `f` on a thread inside the namespace of `path` (a bind mount or `/proc/PID/ns/net`).
+fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(path).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on an open namespace file, for this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The namespace's `nf_conntrack_count`, read inside it.
+fn count_in(path: &Path) -> u64 {
+    run_in(path, || {
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    })
+}
+
+/// `n` UDP flows to 127.0.0.1:`port` inside the namespace of `path`.
+fn flows_in(path: &Path, port: u16, n: usize) {
+    run_in(path, || udp_flows(([127, 0, 0, 1], port).into(), n));
+}
+
+/// A namespace that no name holds: made named (loopback up, conntrack on), a process started
+/// in it, then its name removed. Only the process keeps it alive.
+struct HeldNs {
+    child: Child,
+    path: PathBuf,
+    id: u64,
+}
+
+impl HeldNs {
+    fn new() -> HeldNs {
+        let ns = Netns::new();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+        let id = inode(&ns.path());
+        wait_for(
+            "the process in its namespace",
+            Duration::from_secs(5),
+            || (std::fs::metadata(&path).ok()?.ino() == id).then_some(()),
+        );
+        drop(ns); // `ip netns del`: the name goes, the namespace stays with the process
+        HeldNs { child, path, id }
+    }
+}
+
+impl Drop for HeldNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn all_netns(config: &str) -> Daemon {
+    Daemon::start(
+        &Netns::new(),
+        DaemonOpts {
+            all_netns: true,
+            config: config.into(),
+            ..Default::default()
+        },
+    )
+}
+
+fn netns_list(d: &Daemon) -> Vec<Value> {
+    d.json(&["netns"]).as_array().unwrap().clone()
+}
+
+fn entry(list: &[Value], id: u64) -> Option<&Value> {
+    list.iter().find(|e| e["netns_id"] == id)
+}
+
+/// Three namespaces with different traffic (one of them unnamed, held only by a process):
+/// `ctctl netns` gives each its own `nf_conntrack_count`; a namespace made after the start is
+/// followed within 5 s; a deleted one goes within 5 s; one where conntrack never ran says so.
+#[test]
+fn every_namespace_is_followed_with_its_own_count() {
+    let a = Netns::new();
+    let b = Netns::new();
+    let held = HeldNs::new();
+    flows_in(&a.path(), 5301, 30);
+    flows_in(&b.path(), 5302, 7);
+    flows_in(&held.path, 5303, 12);
+    let d = all_netns("");
+    let ids = [(inode(&a.path()), a.path()), (inode(&b.path()), b.path())];
+    let list = wait_for(
+        "every namespace counted as the kernel counts it",
+        Duration::from_secs(10),
+        || {
+            let list = netns_list(&d);
+            let ok = ids
+                .iter()
+                .chain([(held.id, held.path.clone())].iter())
+                .all(|(id, path)| {
+                    entry(&list, *id).is_some_and(|e| e["count"].as_u64() == Some(count_in(path)))
+                });
+            ok.then_some(list)
+        },
+    );
+    let ea = entry(&list, ids[0].0).unwrap();
+    assert_eq!(ea["count"], 30, "{ea}");
+    assert_eq!(ea["name"], a.name, "named by its ip netns name: {ea}");
+    assert_eq!(ea["top_services"][0]["dport"], 5301, "{ea}");
+    assert_eq!(ea["followed"], true);
+    assert!(ea["usage_pct"].as_f64().is_some() && ea["max"].as_u64() > Some(0));
+    let eh = entry(&list, held.id).unwrap();
+    assert_eq!(eh["count"], 12, "{eh}");
+    assert_eq!(eh["top_services"][0]["dport"], 5303, "{eh}");
+    assert!(eh["processes"].as_u64() >= Some(1), "{eh}");
+    // The same address and port in two namespaces are two keys.
+    let top = d.json(&["top", "--netns", "all", "--limit", "1000"]);
+    let rows: Vec<&Value> = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["netns_id"] == ids[0].0 || r["netns_id"] == held.id)
+        .collect();
+    assert_eq!(rows.len(), 2, "{top}");
+    let one = d.json(&["top", "--netns", &a.name]);
+    assert_eq!(one[0]["dport"], 5301, "{one}");
+    assert_eq!(one[0]["live"], 30);
+    let by_id = d.json(&["top", "--netns", &held.id.to_string()]);
+    assert_eq!(by_id[0]["dport"], 5303, "{by_id}");
+    let out = ctctl(&d.socket, &["top", "--netns", "no-such-namespace"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no network namespace named"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A namespace made now is followed within 5 s; one where conntrack never ran says so.
+    let t0 = Instant::now();
+    let late = Netns::new();
+    let late_id = inode(&late.path());
+    let e = wait_for("the new namespace", Duration::from_secs(5), || {
+        entry(&netns_list(&d), late_id).cloned()
+    });
+    eprintln!("new namespace followed after {:?}", t0.elapsed());
+    assert_eq!(e["tracked_nothing"], true, "{e}");
+    assert!(e["note"]
+        .as_str()
+        .is_some_and(|n| n.contains("nothing tracked")));
+    flows_in(&late.path(), 5304, 3);
+    wait_for("its flows", Duration::from_secs(5), || {
+        (entry(&netns_list(&d), late_id)?["count"] == 3).then_some(())
+    });
+    let e = entry(&netns_list(&d), late_id).unwrap().clone();
+    assert_eq!(e["tracked_nothing"], false, "{e}");
+
+    // Deleted (name and process gone): no longer followed within 5 s.
+    let (bid, hid) = (ids[1].0, held.id);
+    drop(b);
+    drop(held);
+    wait_for(
+        "the deleted namespaces to go",
+        Duration::from_secs(5),
+        || {
+            let list = netns_list(&d);
+            (entry(&list, bid).is_none() && entry(&list, hid).is_none()).then_some(())
+        },
+    );
+    assert!(d.log_text().contains("network namespace gone"));
+}
+
+/// One namespace floods past a lowered `nf_conntrack_max`: the incident names that namespace
+/// (its inode, as the kernel log prints it) and its top service; the other namespace, below
+/// the limit, opens none.
+#[test]
+fn a_flood_in_one_namespace_is_that_namespaces_incident() {
+    let _lock = MAX_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let full = Netns::new();
+    let calm = Netns::new();
+    full.sysctl("net.netfilter.nf_conntrack_udp_timeout", "120");
+    flows_in(&calm.path(), 5310, 10);
+    let d = all_netns("[incidents]\nquiet_secs = 3\n");
+    let (full_id, calm_id) = (inode(&full.path()), inode(&calm.path()));
+    wait_for("both namespaces followed", Duration::from_secs(10), || {
+        let l = netns_list(&d);
+        (entry(&l, full_id).is_some() && entry(&l, calm_id).is_some()).then_some(())
+    });
+    let max = ConntrackMax::set(200);
+    run_in(&full.path(), || {
+        for _ in 0..400 {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let _ = s.send_to(b"flood", ("127.0.0.1", 9999));
+        }
+    });
+    let inc = wait_for(
+        "an incident in the flooded namespace",
+        Duration::from_secs(5),
+        || {
+            d.json(&["incidents"])
+                .as_array()?
+                .iter()
+                .find(|i| i["netns_id"] == full_id)
+                .cloned()
+        },
+    );
+    drop(max);
+    assert_eq!(inc["kind"], "table_full", "{inc}");
+    assert_eq!(inc["netns_name"], full.name, "{inc}");
+    assert_eq!(inc["top_services"][0]["dport"], 9999, "{inc}");
+    assert_eq!(inc["netns"], full_id.to_string(), "{inc}");
+    let all = d.json(&["incidents"]);
+    assert!(
+        !all.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["netns_id"] == calm_id),
+        "the namespace below the limit opened none: {all}"
+    );
+    let only = d.json(&["incidents", "--netns", &full.name]);
+    assert!(only
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["netns_id"] == full_id));
+    let none = d.json(&["incidents", "--netns", &calm_id.to_string()]);
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
+    let text = d.ctctl(&["netns"]);
+    assert!(text.contains(&full.name), "{text}");
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("netns={full_id}")),
+        "journald fields NETNS/NETNS_NAME: {log}"
+    );
+}
+
+/// 100 namespaces, each with some traffic: all followed, and the daemon's memory within the
+/// stated bound (README: "Bounds").
+#[test]
+fn a_hundred_namespaces_stay_within_the_memory_bound() {
+    const N: usize = 100;
+    const BOUND_KIB: u64 = 192 << 10;
+    let spaces: Vec<Netns> = (0..N).map(|_| Netns::new()).collect();
+    for (i, ns) in spaces.iter().enumerate() {
+        flows_in(&ns.path(), 6000 + i as u16, 20);
+    }
+    let d = all_netns("");
+    let ids: Vec<u64> = spaces.iter().map(|n| inode(&n.path())).collect();
+    let t0 = Instant::now();
+    wait_for(
+        "every namespace followed and counted",
+        Duration::from_secs(30),
+        || {
+            let l = netns_list(&d);
+            ids.iter()
+                .all(|id| entry(&l, *id).is_some_and(|e| e["count"] == 20))
+                .then_some(())
+        },
+    );
+    let took = t0.elapsed();
+    let rss = d.rss_kib();
+    let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .unwrap()
+        .count();
+    eprintln!(
+        "{N} namespaces followed in {took:?}; RSS {} MiB, {threads} threads",
+        rss >> 10
+    );
+    assert!(rss <= BOUND_KIB, "RSS {rss} KiB over {BOUND_KIB} KiB");
+    let s = d.json(&["status"]);
+    assert!(
+        s["namespaces"]["followed"].as_u64() >= Some(N as u64),
+        "{s}"
+    );
+}
