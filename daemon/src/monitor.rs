@@ -30,6 +30,8 @@ pub const ENGINE_EVERY: Duration = Duration::from_secs(1);
 const SYSCTLS_EVERY: Duration = Duration::from_secs(5);
 /// How far back the creation rates in incident snapshots look.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Longest the monitor waits for a snapshot newer than a signal.
+const FRESH_WAIT: Duration = Duration::from_millis(300);
 /// Kernel-log events waiting for the monitor; the watcher waits for room (lines are rare).
 const QUEUE: usize = 256;
 /// For a namespace other than the daemon's own (`--all-netns`): how often its counters and
@@ -304,6 +306,20 @@ impl Monitor {
         }
     }
 
+    /// The reader's latest snapshot, once it is at least as new as `since` (the moment a
+    /// signal arrived), waiting at most `FRESH_WAIT`: an incident's picture must include the
+    /// burst that filled the table, which the reader published at most `PUBLISH_EVERY` later.
+    fn fresh_snapshot(&self, since: Instant) -> Arc<crate::stats::Snapshot> {
+        let until = since + FRESH_WAIT;
+        loop {
+            let snap = self.snapshots.load_full();
+            if snap.taken >= since || Instant::now() >= until {
+                return snap;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn run(mut self) {
         let fault = crate::supervise::test_fault("monitor");
         let started = Instant::now();
@@ -317,8 +333,9 @@ impl Monitor {
                 Ok(Msg::Stop) => break,
                 Ok(Msg::Kmsg(ev)) => {
                     // Counters first, so the incident's baseline predates the drop it reports.
+                    let arrived = Instant::now();
                     self.poll();
-                    let snap = self.snapshots.load_full();
+                    let snap = self.fresh_snapshot(arrived);
                     let ctx = Self::ctx(
                         &self.kernel,
                         self.earlier.as_ref().or(self.next.as_ref()),
@@ -330,7 +347,8 @@ impl Monitor {
                     self.poll();
                     if self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
                         self.last_engine = Some(Instant::now());
-                        let snap = self.snapshots.load_full();
+                        let polled = self.last_poll.unwrap_or_else(Instant::now);
+                        let snap = self.fresh_snapshot(polled);
                         let ctx = Self::ctx(
                             &self.kernel,
                             self.earlier.as_ref().or(self.next.as_ref()),

@@ -50,8 +50,10 @@ use crate::supervise::{Fatal, Health};
 
 /// How often namespaces are looked for.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
-/// Wait before trying again a namespace whose reader could not start.
-const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Wait before trying again a namespace whose reader could not start: doubled after each
+/// failure (a namespace caught half-made is followed at the next scan), up to the most.
+const RETRY_FIRST: Duration = SCAN_EVERY;
+const RETRY_MOST: Duration = Duration::from_secs(60);
 /// Other namespaces' key caps: the daemon's own divided by this...
 pub const OTHER_CAP_DIVISOR: usize = 16;
 /// ...but never below this.
@@ -461,8 +463,8 @@ pub struct Discovery {
     node: Arc<Node>,
     cfg: UnitConfig,
     roots: Roots,
-    /// Namespaces whose reader could not start, and when to try again.
-    failed: HashMap<NetnsId, (Instant, String)>,
+    /// Namespaces whose reader could not start: when to try again, the wait after that, why.
+    failed: HashMap<NetnsId, (Instant, Duration, String)>,
     /// What the last scan found, for the names.
     pub last_seen: Arc<ArcSwap<BTreeMap<NetnsId, Seen>>>,
     /// Names are set by the name resolver (`names`), not from mounts alone.
@@ -506,13 +508,12 @@ impl Discovery {
         }
         let mut untracked = Vec::new();
         let now = Instant::now();
-        self.failed
-            .retain(|id, (t, _)| found.contains_key(id) && *t > now);
+        self.failed.retain(|id, _| found.contains_key(id));
         for (id, s) in &found {
             if keep.iter().any(|n| n.id == *id) {
                 continue;
             }
-            if let Some((_, why)) = self.failed.get(id) {
+            if let Some((_, _, why)) = self.failed.get(id).filter(|(t, _, _)| *t > now) {
                 untracked.push(Untracked {
                     id: *id,
                     info: NsInfo::from(s),
@@ -533,6 +534,7 @@ impl Discovery {
             }
             match start_unit(&self.cfg, s) {
                 Ok(n) => {
+                    self.failed.remove(id);
                     info!(
                         netns = id,
                         path = %s.path.display(),
@@ -541,8 +543,17 @@ impl Discovery {
                     keep.push(n);
                 }
                 Err(why) => {
-                    warn!(netns = id, path = %s.path.display(), error = %why, "cannot follow network namespace; will retry");
-                    self.failed.insert(*id, (now + RETRY_AFTER, why.clone()));
+                    let wait = self
+                        .failed
+                        .get(id)
+                        .map_or(RETRY_FIRST, |(_, w, _)| (*w * 2).min(RETRY_MOST));
+                    // The first failure may be a namespace caught half-made: said at debug.
+                    if wait > RETRY_FIRST {
+                        warn!(netns = id, path = %s.path.display(), error = %why, retry_secs = wait.as_secs(), "cannot follow network namespace; will retry");
+                    } else {
+                        tracing::debug!(netns = id, error = %why, "cannot follow network namespace yet");
+                    }
+                    self.failed.insert(*id, (now + wait, wait, why.clone()));
                     untracked.push(Untracked {
                         id: *id,
                         info: NsInfo::from(s),
