@@ -11,7 +11,8 @@
 //!   first I/O error).
 //! - **The disk cap holds by what is on disk** (the store's files and the broken copies kept):
 //!   checked after every bucket, it deletes broken copies first, then the oldest buckets
-//!   (coarse ones are older than any fine one), never the newest hour of fine buckets. sled
+//!   (coarse ones are older than any fine one), sparing the newest hour of fine buckets
+//!   unless that hour alone is over the cap (then only the two newest are spared). sled
 //!   reuses the space it frees before it grows its file, so freeing what the store is over
 //!   the cap, and no more, stops the growth.
 //! - **Rollups catch up**: every rollup window that has ended and has fine buckets but no
@@ -54,6 +55,8 @@ const QUEUE: usize = 16;
 const REOPEN_AFTER: Duration = Duration::from_secs(5);
 /// Most rollup windows caught up per bucket written (a long outage is caught up over a few).
 const CATCH_UP_PER_PASS: usize = 48;
+/// Fine buckets the disk cap never deletes: the newest ones.
+const KEEP_NEWEST_FINE: u64 = 2;
 /// How often retention (by age, and of incidents) runs.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
@@ -645,10 +648,11 @@ impl Writer {
     }
 
     /// Keeps what is on disk under the cap: broken copies go first, then the oldest buckets
-    /// (whichever tier holds them), never the newest rollup window of fine buckets nor the
-    /// newest rollup. sled frees space a while after data is deleted and its files weigh a
+    /// (whichever tier holds them), sparing the newest rollup window of fine buckets and the
+    /// newest rollup while that is enough, then the window's oldest buckets too (never the
+    /// newest `KEEP_NEWEST_FINE`). sled frees space a while after data is deleted and its files weigh a
     /// few times the data they hold: the data is cut by the share the files are over the cap
-    /// (to 90 % of what would fit), so the deletion follows what is on disk without deleting
+    /// (to 80 % of what would fit), so the deletion follows what is on disk without deleting
     /// everything while the files catch up.
     fn enforce_cap(&self, store: &Store, now: u64) -> Result<(), StoreError> {
         let cap = self.cfg.max_disk_bytes;
@@ -667,7 +671,7 @@ impl Writer {
             }
         }
         let logical = store.logical_size();
-        let target = (logical as u128 * cap as u128 * 9 / 10 / size.max(1) as u128) as u64;
+        let target = (logical as u128 * cap as u128 * 8 / 10 / size.max(1) as u128) as u64;
         let keep_from = now.saturating_sub(self.cfg.rollup_secs);
         let mut deleted = 0u64;
         while store.logical_size() > target {
@@ -686,6 +690,23 @@ impl Writer {
             store.delete_bucket(victim.0, victim.1)?;
             deleted += 1;
         }
+        // Still over: the newest rollup window alone weighs more than the cap allows (many keys
+        // per bucket, short buckets). The cap wins: its oldest fine buckets go too, all but
+        // the newest `KEEP_NEWEST_FINE` (that rollup will be of what is left).
+        while store.logical_size() > target {
+            let Some(oldest) = store.oldest(Tier::Fine) else {
+                break;
+            };
+            let floor = store
+                .newest(Tier::Fine)
+                .unwrap_or(oldest)
+                .saturating_sub(self.cfg.bucket_secs * (KEEP_NEWEST_FINE - 1));
+            if oldest >= floor {
+                break;
+            }
+            store.delete_bucket(Tier::Fine, oldest)?;
+            deleted += 1;
+        }
         if deleted > 0 {
             warn!(
                 disk_bytes = size,
@@ -700,7 +721,6 @@ impl Writer {
     }
 }
 
-/// Merges a bucket written before a restart with the rest of the same bucket.
 /// Adds a namespace's table to a list of them (a later part of the same bucket).
 fn merge_table(list: &mut Vec<(u64, TableCounts)>, ns: u64, t: TableCounts) {
     match list.iter_mut().find(|(n, _)| *n == ns) {
@@ -709,6 +729,8 @@ fn merge_table(list: &mut Vec<(u64, TableCounts)>, ns: u64, t: TableCounts) {
     }
 }
 
+/// Merges a bucket written before a restart (or a namespace's part of it that came late) with
+/// the rest of the same bucket.
 fn merge_restarted(
     old: Vec<(HistKey, Counts)>,
     new: Vec<(HistKey, Counts)>,
