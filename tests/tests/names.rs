@@ -408,9 +408,12 @@ fn interface_addresses_on_a_veth_pair() {
         .into_iter()
         .filter(|(id, _)| [ida, idb].contains(id))
         .collect();
-    let files = BTreeMap::from([(ida, fa), (idb, fb)]);
+    // A file that is not a namespace: an error for it, the rest stands.
+    let bogus = File::open("/proc/self/status").unwrap();
+    let files = BTreeMap::from([(ida, fa), (idb, fb), (1, bogus)]);
     let t = Resolver::new(NameRoots::default()).refresh(&seen, &files, ida);
-    assert_eq!(t.errors, vec![]);
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    assert_eq!((t.errors[0].netns, t.errors[0].what), (1, "addresses"));
     let owner = |s: &str| {
         t.addrs
             .get(&s.parse().unwrap())
@@ -477,8 +480,11 @@ fn kube_proxy_iptables_nft_mode_names_its_vips() {
         "iptables-nft is missing: scripts/deps installs the iptables package"
     );
     let ns = Netns::new();
-    ns.exec(&["sh", "-c", IPTABLES_SH]);
     let f = File::open(ns.path()).unwrap();
+    // A NAT table without kube-proxy's chain (Docker's, say): nothing, and no error.
+    ns.exec(&["iptables-nft", "-w", "-t", "nat", "-N", "DOCKER"]);
+    assert_eq!(kube_services(&f).unwrap(), vec![]);
+    ns.exec(&["sh", "-c", IPTABLES_SH]);
     let want = vec![
         svc(6, "10.96.0.1", 443, "default/kubernetes:https"),
         svc(6, "10.96.0.10", 53, "kube-system/kube-dns:dns-tcp"),
