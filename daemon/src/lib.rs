@@ -26,6 +26,7 @@ pub mod incidents;
 pub mod kmsg;
 pub mod metrics;
 pub mod monitor;
+pub mod names;
 pub mod netns;
 pub mod node;
 pub mod notify;
