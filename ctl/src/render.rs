@@ -112,6 +112,14 @@ pub fn key_cells(by: Dimension, r: &impl KeyedRow, other: &str) -> Vec<String> {
         .collect()
 }
 
+/// `text (name)` when a name is known.
+fn with_name(text: String, name: &Option<String>) -> String {
+    match name {
+        Some(n) => format!("{text} ({n})"),
+        None => text,
+    }
+}
+
 /// A NETNS column, for rows of several namespaces: the namespace's name, or its number.
 fn netns_cell(r: &impl KeyedRow) -> String {
     match r.netns() {
@@ -792,7 +800,7 @@ pub fn dns(r: &ctwatch_proto::DnsReply) -> String {
         for s in &r.servers {
             t.row(vec![
                 s.proto.clone(),
-                ctwatch_proto::host_port(&s.dst, s.dport),
+                with_name(ctwatch_proto::host_port(&s.dst, s.dport), &s.dst_name),
                 s.backends.to_string(),
                 s.queries.to_string(),
                 format!("{:.1}", s.queries_per_sec),
@@ -815,8 +823,14 @@ pub fn dns(r: &ctwatch_proto::DnsReply) -> String {
         ]);
         for b in &r.backends {
             t.row(vec![
-                format!("{} {}", b.proto, ctwatch_proto::host_port(&b.dst, b.dport)),
-                ctwatch_proto::host_port(&b.backend, b.backend_port),
+                with_name(
+                    format!("{} {}", b.proto, ctwatch_proto::host_port(&b.dst, b.dport)),
+                    &b.dst_name,
+                ),
+                with_name(
+                    ctwatch_proto::host_port(&b.backend, b.backend_port),
+                    &b.backend_name,
+                ),
                 b.queries.to_string(),
                 b.answered.to_string(),
                 b.unanswered.to_string(),
@@ -837,7 +851,7 @@ pub fn dns(r: &ctwatch_proto::DnsReply) -> String {
         ]);
         for c in &r.clients {
             t.row(vec![
-                c.src.clone(),
+                with_name(c.src.clone(), &c.src_name),
                 c.queries.to_string(),
                 format!("{:.1}", c.queries_per_sec),
                 pct1(c.unreplied_pct),

@@ -60,6 +60,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub netns: Option<PathBuf>,
+    /// Where names are read from (`[names]`).
+    pub name_roots: crate::names::NameRoots,
     /// Every namespace of the node (`--all-netns`), at most `max_namespaces` of them.
     pub all_netns: bool,
     pub max_namespaces: usize,
@@ -243,6 +245,11 @@ impl Config {
             netns,
             all_netns,
             max_namespaces: f.max_namespaces as usize,
+            name_roots: crate::names::NameRoots {
+                pods_log: f.pods_log.clone(),
+                docker_containers: f.docker_containers.clone(),
+                ..Default::default()
+            },
         })
     }
 }

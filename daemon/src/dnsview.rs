@@ -159,6 +159,7 @@ pub fn view(
                     .get(&FlatKey::from_hist(Dimension::DnsClient, k))
                     .copied()
                     .unwrap_or(0),
+                src_name: None,
             }
         })
         .collect();
@@ -252,6 +253,8 @@ fn backend_row(
         unanswered: never,
         unreplied_pct: unreplied(answered, never),
         live: live.get(&flat).copied().unwrap_or(0),
+        dst_name: None,
+        backend_name: None,
     }
 }
 

@@ -124,6 +124,7 @@ pub struct Engine {
     /// The namespace it watches (its inode), and the name it has now (`names`).
     netns_id: u64,
     netns_name: Arc<ArcSwapOption<String>>,
+    names: Option<Arc<crate::node::Names>>,
     history: Option<HistoryHandle>,
     /// Incidents the writer's queue had no room for, by id: saved at the next turn.
     unsaved: BTreeMap<u64, Incident>,
@@ -165,6 +166,7 @@ impl Engine {
             ids: ids.unwrap_or_else(|| Arc::new(AtomicU64::new(1))),
             netns_id,
             netns_name,
+            names: None,
             history,
             unsaved: BTreeMap::new(),
             opened: [0; 2],
@@ -293,7 +295,16 @@ impl Engine {
             rows.retain(|e| e.other.is_none());
             rows
         };
-        let rate = |by| c.snap.top_by_rate(c.earlier, by, SNAPSHOT_ROWS, c.count);
+        let rate = |by| {
+            let mut rows = c.snap.top_by_rate(c.earlier, by, SNAPSHOT_ROWS, c.count);
+            self.name_rows(&mut rows);
+            rows
+        };
+        let top = |by| {
+            let mut rows = top(by);
+            self.name_rows(&mut rows);
+            rows
+        };
         Snapshot {
             t: rfc3339(c.now),
             count: c.count,
@@ -321,7 +332,23 @@ impl Engine {
             )
             .entries;
         rows.retain(|e| e.other.is_none());
+        self.name_rows(&mut rows);
         rows
+    }
+
+    /// Rows with the names their addresses have now: an incident keeps the names of its time.
+    fn name_rows(&self, rows: &mut [TopEntry]) {
+        if let Some(n) = &self.names {
+            for e in rows {
+                n.annotate(e);
+            }
+        }
+    }
+
+    /// Names the rows of the incidents it opens (`node::Names`).
+    pub fn with_names(mut self, names: Arc<crate::node::Names>) -> Engine {
+        self.names = Some(names);
+        self
     }
 
     fn save(&mut self, slot: usize) {

@@ -117,13 +117,15 @@ pub async fn run(
 
     let own_netns = netns::own_id().context("cannot read this thread's network namespace")?;
     let own_name: Arc<arc_swap::ArcSwapOption<String>> = Default::default();
+    let names = Arc::new(node::Names::default());
     let engine = incidents::Engine::new(
         config.incidents.clone(),
         own_netns,
         own_name.clone(),
         history.clone(),
         None,
-    );
+    )
+    .with_names(names.clone());
     let incident_ids = engine.ids();
     let (mon, monitor) = monitor::Monitor::new(
         conntrack::RequestSocket::open()?,
@@ -146,6 +148,7 @@ pub async fn run(
             own_name.clone(),
         )),
         config.all_netns,
+        names.clone(),
     );
     // The daemon's own namespace is named by the path it was given (`--netns /run/netns/X`),
     // or `host` when it is PID 1's.
@@ -163,9 +166,13 @@ pub async fn run(
         .set_name(node::mount_name(true, own_netns, &info));
     node.primary().info.store(Arc::new(info));
     let stop_discovery = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let discovery_thread = if config.all_netns {
-        if let Some(h) = &history {
-            h.merge_namespaces();
+    // The namespace thread: with --all-netns it finds and follows namespaces; in every mode
+    // it names things.
+    let discovery_thread = {
+        if config.all_netns {
+            if let Some(h) = &history {
+                h.merge_namespaces();
+            }
         }
         let d = node::Discovery::new(
             node.clone(),
@@ -176,15 +183,15 @@ pub async fn run(
                 fatal: fatal.clone(),
                 ids: incident_ids,
                 max_namespaces: config.max_namespaces,
+                names: Some(names.clone()),
+                name_roots: config.name_roots.clone(),
             },
         );
         let stop = stop_discovery.clone();
         Some(
             supervise::spawn("ct-netns", fatal.clone(), move || d.run(stop))
-                .context("cannot start the namespace discovery")?,
+                .context("cannot start the namespace thread")?,
         )
-    } else {
-        None
     };
 
     // The kernel log: a part that may not work (no CAP_SYSLOG, no device); then the daemon

@@ -35,6 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use ctwatch_proto::{QueryRow, TopEntry};
+use std::net::IpAddr;
 use tracing::{info, warn};
 
 use crate::conntrack::RequestSocket;
@@ -42,6 +44,7 @@ use crate::history::HistoryHandle;
 use crate::incidents::{Engine, IncidentConfig};
 use crate::kmsg::{KmsgEvent, KmsgKind};
 use crate::monitor::{Kernel, Monitor, MonitorHandle};
+use crate::names::{Book, NameRoots, NameTable, Resolver};
 use crate::netns::discover::{self, Roots, Seen};
 use crate::netns::NetnsId;
 use crate::reader::{self, Reader, ReaderConfig, Target};
@@ -212,8 +215,153 @@ pub struct Untracked {
     pub why: String,
 }
 
+/// How often names are looked for again.
+pub const NAMES_EVERY: Duration = Duration::from_secs(5);
+/// How often the book of names is saved to the store.
+const BOOK_SAVE_EVERY: Duration = Duration::from_secs(60);
+/// Keys (namespaces, addresses, VIPs) the book remembers names of.
+pub const BOOK_ENTRIES: usize = 65_536;
+/// How long the book remembers a name (as long as incidents are kept, at most).
+const BOOK_KEEP_SECS: u64 = 90 * 86_400;
+
+/// What the node's things are called: the latest names found, and the book of names with the
+/// time they held (for history and incidents: the name an address had *then*).
+pub struct Names {
+    pub table: ArcSwap<NameTable>,
+    book: Mutex<Book>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            table: ArcSwap::from_pointee(NameTable::default()),
+            book: Mutex::new(Book::new(BOOK_ENTRIES)),
+        }
+    }
+}
+
+fn ip(s: &Option<String>) -> Option<IpAddr> {
+    s.as_deref()?.parse().ok()
+}
+
+impl Names {
+    /// What an address is known as now: the namespace holding it.
+    pub fn addr(&self, a: IpAddr) -> Option<String> {
+        self.table.load().addrs.get(&a)?.name.clone()
+    }
+
+    /// A service now: kube-proxy's name for the VIP and port, else the owner of the address.
+    pub fn service(&self, proto: u8, a: IpAddr, port: u16) -> Option<String> {
+        let t = self.table.load();
+        t.services
+            .get(&(proto, a, port))
+            .cloned()
+            .or_else(|| t.addrs.get(&a)?.name.clone())
+    }
+
+    /// Adds the names known now to a ranking row.
+    pub fn annotate(&self, e: &mut TopEntry) {
+        if e.other == Some(true) {
+            return;
+        }
+        let proto = e.proto.as_deref().and_then(ctwatch_proto::parse_proto);
+        e.src_name = ip(&e.src).and_then(|a| self.addr(a));
+        e.dst_name = match (ip(&e.dst), proto, e.dport) {
+            (Some(a), Some(p), Some(port)) => self.service(p, a, port),
+            (Some(a), _, _) => self.addr(a),
+            _ => None,
+        };
+        e.backend_name = ip(&e.backend).and_then(|a| self.addr(a));
+    }
+
+    /// Adds to a history row the names its addresses had at time `t`.
+    pub fn annotate_at(&self, r: &mut QueryRow, t: u64) {
+        if r.other == Some(true) {
+            return;
+        }
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let proto = r.proto.as_deref().and_then(ctwatch_proto::parse_proto);
+        r.src_name = ip(&r.src)
+            .and_then(|a| book.addr_at(a, t))
+            .map(str::to_string);
+        r.dst_name = match (ip(&r.dst), proto, r.dport) {
+            (Some(a), Some(p), Some(port)) => book
+                .service_at(p, a, port, t)
+                .or_else(|| book.addr_at(a, t))
+                .map(str::to_string),
+            (Some(a), _, _) => book.addr_at(a, t).map(str::to_string),
+            _ => None,
+        };
+        r.backend_name = ip(&r.backend)
+            .and_then(|a| book.addr_at(a, t))
+            .map(str::to_string);
+        if let Some(id) = r.netns_id {
+            r.netns_name = book.netns_at(id, t).map(str::to_string);
+        }
+    }
+
+    /// What an address was known as at time `t`.
+    pub fn addr_at(&self, a: IpAddr, t: u64) -> Option<String> {
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.addr_at(a, t).map(str::to_string)
+    }
+
+    /// A service at time `t`: its VIP's name, else its address's.
+    pub fn service_at(&self, proto: u8, a: IpAddr, port: u16, t: u64) -> Option<String> {
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.service_at(proto, a, port, t)
+            .or_else(|| book.addr_at(a, t))
+            .map(str::to_string)
+    }
+
+    /// Adds to the DNS view the names its addresses had at time `t`.
+    pub fn annotate_dns(&self, r: &mut ctwatch_proto::DnsReply, t: u64) {
+        let parse = |s: &str| s.parse::<IpAddr>().ok();
+        let proto = |s: &str| ctwatch_proto::parse_proto(s).unwrap_or(17);
+        for b in &mut r.backends {
+            b.dst_name =
+                parse(&b.dst).and_then(|a| self.service_at(proto(&b.proto), a, b.dport, t));
+            b.backend_name = parse(&b.backend).and_then(|a| self.addr_at(a, t));
+        }
+        for s in &mut r.servers {
+            s.dst_name =
+                parse(&s.dst).and_then(|a| self.service_at(proto(&s.proto), a, s.dport, t));
+        }
+        for c in &mut r.clients {
+            c.src_name = parse(&c.src).and_then(|a| self.addr_at(a, t));
+        }
+    }
+
+    /// Takes a refresh: the table, and the book's record of it.
+    fn record(&self, table: NameTable, now: u64) {
+        {
+            let mut b = self.book.lock().unwrap_or_else(|e| e.into_inner());
+            b.record(&table, now);
+            b.expire(now.saturating_sub(BOOK_KEEP_SECS));
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    /// The book, encoded (to save it).
+    pub fn encoded(&self) -> Vec<u8> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner()).encode()
+    }
+
+    /// Takes back a saved book (at start); a damaged one is dropped, and said so.
+    pub fn restore(&self, blob: &[u8]) {
+        match Book::decode(blob) {
+            Ok(b) => *self.book.lock().unwrap_or_else(|e| e.into_inner()) = b,
+            Err(e) => {
+                warn!(error = %e, "the saved book of names is unreadable: names start afresh")
+            }
+        }
+    }
+}
+
 /// The namespaces followed (the daemon's own first), and those that are not.
 pub struct Node {
+    /// What things are called.
+    pub names: Arc<Names>,
     /// `--all-netns`.
     pub all: bool,
     units: ArcSwap<Vec<Arc<Ns>>>,
@@ -223,8 +371,9 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(primary: Arc<Ns>, all: bool) -> Arc<Node> {
+    pub fn new(primary: Arc<Ns>, all: bool, names: Arc<Names>) -> Arc<Node> {
         Arc::new(Node {
+            names,
             all,
             units: ArcSwap::from_pointee(vec![primary]),
             untracked: ArcSwap::from_pointee(Vec::new()),
@@ -342,6 +491,8 @@ pub struct UnitConfig {
     /// Incident ids, shared with the daemon's own engine.
     pub ids: Arc<AtomicU64>,
     pub max_namespaces: usize,
+    pub names: Option<Arc<Names>>,
+    pub name_roots: NameRoots,
 }
 
 /// Another namespace's key caps (see the module doc).
@@ -418,13 +569,16 @@ fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
     )
     .map_err(|e| stop_reader(e.to_string()))?;
     let name: Arc<ArcSwapOption<String>> = Default::default();
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         cfg.incidents.clone(),
         id,
         name.clone(),
         cfg.history.clone(),
         Some(cfg.ids.clone()),
     );
+    if let Some(n) = &cfg.names {
+        engine = engine.with_names(n.clone());
+    }
     let health = Health::new();
     let (mon, monitor) = Monitor::new(
         requests,
@@ -467,19 +621,22 @@ pub struct Discovery {
     failed: HashMap<NetnsId, (Instant, Duration, String)>,
     /// What the last scan found, for the names.
     pub last_seen: Arc<ArcSwap<BTreeMap<NetnsId, Seen>>>,
-    /// Names are set by the name resolver (`names`), not from mounts alone.
-    pub names_elsewhere: bool,
+    resolver: Resolver,
+    last_names: Option<Instant>,
+    last_save: Instant,
 }
 
 impl Discovery {
     pub fn new(node: Arc<Node>, cfg: UnitConfig) -> Discovery {
         Discovery {
+            resolver: Resolver::new(cfg.name_roots.clone()),
             node,
             cfg,
             roots: Roots::default(),
             failed: HashMap::new(),
             last_seen: Default::default(),
-            names_elsewhere: false,
+            last_names: None,
+            last_save: Instant::now(),
         }
     }
 
@@ -568,11 +725,6 @@ impl Discovery {
             self.node.units.store(Arc::new(keep));
         }
         self.node.untracked.store(Arc::new(untracked));
-        if !self.names_elsewhere {
-            for n in self.node.units().iter() {
-                n.set_name(mount_name(n.primary, n.id, &n.info.load()));
-            }
-        }
         if let Some(h) = &self.cfg.history {
             h.set_namespaces(self.node.units().len());
         }
@@ -583,15 +735,91 @@ impl Discovery {
         self.last_seen.store(Arc::new(found));
     }
 
-    /// Scans every `SCAN_EVERY` until `stop`; then retires every other namespace.
+    /// Names what is followed: each namespace by what lives in it, addresses by the namespace
+    /// holding them, VIPs by kube-proxy's rules in the daemon's own namespace.
+    pub fn refresh_names(&mut self) {
+        let units = self.node.units();
+        let seen: BTreeMap<NetnsId, Seen> = if self.node.all {
+            let found = self.last_seen.load();
+            units
+                .iter()
+                .filter_map(|n| Some((n.id, found.get(&n.id)?.clone())))
+                .collect()
+        } else {
+            // Only the daemon's own namespace: what of it the processes it can see tell.
+            let own = units[0].id;
+            discover::discover(
+                &self.roots,
+                (own, std::path::Path::new("/proc/self/ns/net")),
+            )
+            .into_iter()
+            .filter(|(id, _)| *id == own)
+            .collect()
+        };
+        let mut files: BTreeMap<NetnsId, File> = BTreeMap::new();
+        for n in units.iter() {
+            let f = match &n.file {
+                Some(f) => f.try_clone().ok(),
+                None => File::open("/proc/self/ns/net").ok(),
+            };
+            if let Some(f) = f {
+                files.insert(n.id, f);
+            }
+        }
+        let table = self.resolver.refresh(&seen, &files, units[0].id);
+        for e in &table.errors {
+            tracing::debug!(netns = e.netns, what = e.what, error = %e.error, "names: cannot read");
+        }
+        for n in units.iter() {
+            let name = table
+                .netns
+                .get(&n.id)
+                .map(|x| (x.name.clone(), x.kind.as_str()))
+                .or_else(|| mount_name(n.primary, n.id, &n.info.load()));
+            n.set_name(name);
+        }
+        self.node.names.record(table, crate::reader::unix_now());
+        self.last_names = Some(Instant::now());
+        if self.last_save.elapsed() >= BOOK_SAVE_EVERY {
+            self.save_names();
+        }
+    }
+
+    /// Saves the book of names to the store (when there is one).
+    fn save_names(&mut self) {
+        self.last_save = Instant::now();
+        if let Some(store) = self.cfg.history.as_ref().and_then(|h| h.store()) {
+            if let Err(e) = store.put_names(&self.node.names.encoded()) {
+                warn!(error = %e, "cannot save the book of names");
+            }
+        }
+    }
+
+    /// Scans every `SCAN_EVERY` (with `--all-netns`) and names every `NAMES_EVERY`, until
+    /// `stop`; then saves the names and retires every other namespace.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
+        if let Some(blob) = self
+            .cfg
+            .history
+            .as_ref()
+            .and_then(|h| h.store())
+            .and_then(|s| s.names().ok().flatten())
+        {
+            self.node.names.restore(&blob);
+        }
         while !stop.load(Ordering::SeqCst) {
-            self.scan();
+            if self.node.all {
+                self.scan();
+            }
+            if self.last_names.is_none_or(|t| t.elapsed() >= NAMES_EVERY) {
+                self.refresh_names();
+            }
             let until = Instant::now() + SCAN_EVERY;
             while Instant::now() < until && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        self.save_names();
         self.retire_all();
     }
 

@@ -36,6 +36,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 const CACHE_BYTES: u64 = 8 << 20;
 /// Broken stores kept for inspection; older ones are deleted.
 pub const MAX_QUARANTINED: usize = 2;
+/// The book of names' key in the `meta` tree.
+const NAMES_KEY: &[u8] = b"names";
 /// Largest piece of a value stored under one key (see the module doc).
 pub const CHUNK: usize = 4000;
 
@@ -532,6 +534,25 @@ impl Store {
                 });
         }
         Ok(n)
+    }
+
+    /// Saves the book of names (`names::Book`, encoded), chunked like every value.
+    pub fn put_names(&self, blob: &[u8]) -> Result<(), StoreError> {
+        let meta = self.db.open_tree("meta").map_err(io("open"))?;
+        let mut batch = sled::Batch::default();
+        put_chunks(&meta, &mut batch, NAMES_KEY, blob)?;
+        meta.apply_batch(batch).map_err(io("write"))?;
+        self.db.flush().map_err(io("flush"))?;
+        Ok(())
+    }
+
+    /// The saved book of names, if any.
+    pub fn names(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let meta = self.db.open_tree("meta").map_err(io("open"))?;
+        match assemble(meta.scan_prefix(NAMES_KEY), NAMES_KEY.len()).next() {
+            Some(r) => Ok(Some(r?.1)),
+            None => Ok(None),
+        }
     }
 
     /// Writes (or rewrites) one incident, then flushes.

@@ -51,6 +51,9 @@ const OTHER_KEYS: &[&str] = &[
     "incidents.thresholds_pct",
     "incidents.hysteresis_pct",
     "incidents.kmsg_path",
+    "names.pods_log",
+    "names.docker_containers",
+    "all_netns",
 ];
 
 /// Each bounded key's value in the unit its key is written in.
@@ -76,6 +79,7 @@ fn integers(s: &Settings) -> Vec<(Bound, u64, u64)> {
         (REQUEST_SECS, s.request_secs, 1),
         (HEAVY, s.heavy, 1),
         (MAX_STREAMS, s.max_streams, 1),
+        (MAX_NAMESPACES, s.max_namespaces, 1),
         (BUCKET_SECS, s.bucket_secs, 1),
         (ROLLUP_SECS, s.rollup_secs, 1),
         (FINE_HOURS, s.fine_retention_secs, 3600),
@@ -110,7 +114,13 @@ fn check_bounds(s: &Settings) {
     assert!(s.thresholds_pct.iter().all(|t| (1.0..=100.0).contains(t)));
     assert!(s.thresholds_pct.is_sorted_by(|a, b| a <= b));
     assert!((0.0..=50.0).contains(&s.hysteresis_pct));
-    let paths = [s.state_dir.as_ref(), s.netns.as_ref(), Some(&s.kmsg_path)];
+    let paths = [
+        s.state_dir.as_ref(),
+        s.netns.as_ref(),
+        Some(&s.kmsg_path),
+        Some(&s.pods_log),
+        Some(&s.docker_containers),
+    ];
     for p in paths
         .into_iter()
         .flatten()
@@ -138,6 +148,10 @@ fn render(s: &Settings) -> String {
         ("state_dir", s.state_dir.as_deref().map(path)),
         ("netns", s.netns.as_deref().map(path)),
         ("log_level", s.log_level.as_ref().map(|a| string(&a.value))),
+        (
+            "all_netns",
+            s.all_netns.as_ref().map(|a| a.value.to_string()),
+        ),
     ];
     for (k, v) in top {
         if let Some(v) = v {
@@ -166,6 +180,13 @@ fn render(s: &Settings) -> String {
         writeln!(out, "{key} = {}", v / unit).unwrap();
     }
     writeln!(out, "[dns]\nenabled = {}", s.dns).unwrap();
+    writeln!(
+        out,
+        "[names]\npods_log = {}\ndocker_containers = {}",
+        path(&s.pods_log),
+        path(&s.docker_containers)
+    )
+    .unwrap();
     out
 }
 
@@ -176,6 +197,9 @@ fn same(a: &Settings, b: &Settings) -> bool {
         y.line = x.line;
     }
     if let (Some(x), Some(y)) = (&a.log_level, &mut b.log_level) {
+        y.line = x.line;
+    }
+    if let (Some(x), Some(y)) = (&a.all_netns, &mut b.all_netns) {
         y.line = x.line;
     }
     *a == b

@@ -133,6 +133,8 @@ struct FileConfig {
     #[serde(default)]
     dns: DnsSection,
     #[serde(default)]
+    names: NamesSection,
+    #[serde(default)]
     metrics: MetricsSection,
 }
 
@@ -140,6 +142,13 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct DnsSection {
     enabled: S<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamesSection {
+    pods_log: S<PathBuf>,
+    docker_containers: S<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +285,9 @@ pub struct Settings {
     pub kmsg_path: PathBuf,
     /// Follow DNS queries' replies (the UPDATE events of DNS entries).
     pub dns: bool,
+    /// Where the kubelet's pod log directories and Docker's container configs are (names).
+    pub pods_log: PathBuf,
+    pub docker_containers: PathBuf,
     pub metrics: MetricsSettings,
 }
 
@@ -473,6 +485,10 @@ pub fn parse(text: &str) -> Result<Settings, ConfigError> {
         kmsg_path: nonempty(&i.kmsg_path, "incidents.kmsg_path")?
             .unwrap_or_else(|| PathBuf::from(DEFAULT_KMSG_PATH)),
         dns: f.dns.enabled.as_ref().map(|s| *s.get_ref()).unwrap_or(true),
+        pods_log: nonempty(&f.names.pods_log, "names.pods_log")?
+            .unwrap_or_else(|| PathBuf::from("/var/log/pods")),
+        docker_containers: nonempty(&f.names.docker_containers, "names.docker_containers")?
+            .unwrap_or_else(|| PathBuf::from("/var/lib/docker/containers")),
         metrics,
     })
 }

@@ -167,6 +167,10 @@ pub struct DnsBackend {
     pub backend: String,
     pub backend_port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<u16>,
     /// Queries (new entries) in the window, and per second.
     pub queries: u64,
@@ -187,6 +191,8 @@ pub struct DnsServer {
     pub family: String,
     pub dst: String,
     pub dport: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
     pub backends: u64,
     pub queries: u64,
     pub queries_per_sec: f64,
@@ -201,6 +207,8 @@ pub struct DnsServer {
 pub struct DnsClient {
     pub family: String,
     pub src: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<u16>,
     pub queries: u64,

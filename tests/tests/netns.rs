@@ -307,3 +307,149 @@ fn a_hundred_namespaces_stay_within_the_memory_bound() {
         "{s}"
     );
 }
+
+/// A pod, as the kubelet makes one: a process in a namespace of its own, in a kubelet-shaped
+/// cgroup (systemd driver, cgroup v2), its log directory named `namespace_pod_uid`, and an
+/// address on a veth to the node's namespace.
+struct Pod {
+    placed: ctwatch_tests::support::cgroup::Placed,
+    _log: PathBuf,
+}
+
+impl Pod {
+    fn new(pods_log: &Path, node: &Netns, name: &str, addr: &str, dev: &str) -> Pod {
+        use ctwatch_tests::support::cgroup::*;
+        let u = uid();
+        let placed = place(&[(V2, &systemd_path(&u, &container_id(&u)))]);
+        let log = pods_log.join(format!("default_{name}_{u}"));
+        std::fs::create_dir_all(&log).unwrap();
+        let pid = placed.proc.pid().to_string();
+        ip_in(&pid, &["link", "set", "lo", "up"]);
+        veth(&pid, &node.name, dev, &[&format!("{addr}/24")], &[]);
+        Pod { placed, _log: log }
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.placed.proc.pid()))
+    }
+
+    fn id(&self) -> u64 {
+        self.placed.proc.netns
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self._log);
+    }
+}
+
+/// `n` UDP flows from the pod to the node's address.
+fn pod_flows(pod: &Pod, to: &str, port: u16, n: usize) {
+    let dst: std::net::SocketAddr = format!("{to}:{port}").parse().unwrap();
+    run_in(&pod.path(), || {
+        let socks: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+            .collect();
+        for s in &socks {
+            let _ = s.send_to(b"pod", dst);
+        }
+    });
+}
+
+fn client_row<'a>(top: &'a Value, src: &str) -> Option<&'a Value> {
+    top.as_array()?.iter().find(|r| r["src"] == src)
+}
+
+/// A pod's namespace is named `namespace/pod` from its cgroup and log directory, and its
+/// address is named in the node's view; after the pod goes and another takes its address, the
+/// view names the new one, and an incident from before still shows the old name.
+#[test]
+fn a_pod_is_named_and_an_incident_keeps_the_name_of_its_time() {
+    let _lock = MAX_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let pods = TempDir::new("pods");
+    let node = Netns::new();
+    node.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    node.exec(&["ip", "addr", "add", "10.244.1.1/24", "dev", "br0"]);
+    node.exec(&["ip", "link", "set", "br0", "up"]);
+    node.sysctl("net.netfilter.nf_conntrack_udp_timeout", "120");
+    let web1 = Pod::new(pods.path(), &node, "web-1", "10.244.1.7", "ctwpod1");
+    node.exec(&["ip", "link", "set", "ctwpod1p", "master", "br0"]);
+    let d = all_netns(&format!(
+        "[names]\npods_log = \"{}\"\n[incidents]\nquiet_secs = 3\n",
+        pods.path().display()
+    ));
+    let node_id = inode(&node.path());
+    let e = wait_for("the pod's namespace named", Duration::from_secs(15), || {
+        let l = netns_list(&d);
+        entry(&l, web1.id())
+            .filter(|e| e["name"] == "default/web-1")
+            .cloned()
+    });
+    assert_eq!(e["name_kind"], "pod", "{e}");
+    pod_flows(&web1, "10.244.1.1", 7000, 20);
+    let by_client =
+        |d: &Daemon| d.json(&["top", "--by", "client", "--netns", &node_id.to_string()]);
+    let top = wait_for(
+        "the pod's address named in the node's view",
+        Duration::from_secs(15),
+        || {
+            let t = by_client(&d);
+            (client_row(&t, "10.244.1.7")?["src_name"] == "default/web-1").then_some(t)
+        },
+    );
+    let text = d.ctctl(&["top", "--by", "client", "--netns", &node.name]);
+    assert!(text.contains("10.244.1.7 (default/web-1)"), "{text}\n{top}");
+
+    // The node's namespace fills up with the pod's flows: the incident names the pod.
+    let max = ConntrackMax::set(node.conntrack_count() + 50);
+    pod_flows(&web1, "10.244.1.1", 7001, 200);
+    let inc = wait_for(
+        "an incident in the node's namespace",
+        Duration::from_secs(5),
+        || {
+            d.json(&["incidents"])
+                .as_array()?
+                .iter()
+                .find(|i| i["netns_id"] == node_id)
+                .cloned()
+        },
+    );
+    drop(max);
+    let id = inc["id"].to_string();
+    let client = |i: &Value| i["at_open"]["top_clients"][0].clone();
+    assert_eq!(client(&inc)["src"], "10.244.1.7", "{inc}");
+    assert_eq!(client(&inc)["src_name"], "default/web-1", "{inc}");
+    let before_switch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    // The pod goes; another takes its address.
+    drop(web1);
+    let web2 = Pod::new(pods.path(), &node, "web-2", "10.244.1.7", "ctwpod2");
+    node.exec(&["ip", "link", "set", "ctwpod2p", "master", "br0"]);
+    pod_flows(&web2, "10.244.1.1", 7002, 5);
+    wait_for(
+        "the new pod named in the node's view",
+        Duration::from_secs(20),
+        || (client_row(&by_client(&d), "10.244.1.7")?["src_name"] == "default/web-2").then_some(()),
+    );
+    let again = d.json(&["incident", &id]);
+    assert_eq!(client(&again)["src_name"], "default/web-1", "{again}");
+    // History over the time before the switch names the address as it was then.
+    let q = d.json(&[
+        "query",
+        "--by",
+        "client",
+        "--netns",
+        &node_id.to_string(),
+        "--since",
+        "10m",
+        "--until",
+        &ctwatchd::history::query::rfc3339(before_switch),
+    ]);
+    let row = client_row(&q, "10.244.1.7").unwrap_or_else(|| panic!("{q}"));
+    assert_eq!(row["src_name"], "default/web-1", "{q}");
+    drop(web2);
+}

@@ -455,10 +455,12 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                     let snap = ns.reader.snapshot();
                     let count = ns.kernel.view().stats.entries;
                     let (id, name, all) = (ns.id, ns.name(), ctx.node.all);
+                    let names = ctx.node.names.clone();
                     heavy(ctx, deadline, move |_| {
                         let mut r = snap.top(&t, count);
-                        if all {
-                            for e in r.entries.iter_mut().filter(|e| e.other.is_none()) {
+                        for e in r.entries.iter_mut().filter(|e| e.other.is_none()) {
+                            names.annotate(e);
+                            if all {
                                 e.netns_id = Some(id);
                                 e.netns_name = name.clone();
                             }
@@ -469,8 +471,13 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                 }
                 Picked::All => {
                     let units = ctx.node.units();
+                    let names = ctx.node.names.clone();
                     heavy(ctx, deadline, move |_| {
-                        answer("top", &super::netns::top_all(&units, &t))
+                        let mut r = super::netns::top_all(&units, &t);
+                        for e in &mut r.entries {
+                            names.annotate(e);
+                        }
+                        answer("top", &r)
                     })
                     .await
                 }
@@ -490,6 +497,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                 Picked::All => None,
             };
             q.label_netns = ctx.node.all.then(|| ctx.node.primary().id);
+            let names = ctx.node.names.clone();
             let snaps: Vec<(Arc<Ns>, Arc<crate::stats::Snapshot>)> = units
                 .into_iter()
                 .map(|n| {
@@ -507,7 +515,14 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                         .collect(),
                 };
                 match crate::history::query::query(&h, &q, now, Some(open), deadline) {
-                    Ok(r) => answer("query", &r),
+                    Ok(mut r) => {
+                        // The names the addresses had at the end of the range.
+                        let at = q.until.min(now);
+                        for row in &mut r.rows {
+                            names.annotate_at(row, at);
+                        }
+                        answer("query", &r)
+                    }
                     Err(QueryError::Deadline) => Err(ApiError::Deadline(
                         deadline.saturating_duration_since(Instant::now()),
                     )),
@@ -571,7 +586,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             // Without `more`: one frame (rates need a previous one, so they are zero).
             let ns = pick_one(ctx, p, "Watch")?;
             let w = params::watch(p)?;
-            let mut watcher = super::watch::Watcher::new(w, ns);
+            let mut watcher = super::watch::Watcher::new(w, ns, ctx.node.names.clone());
             answer("frame", &watcher.frame())
         }
         Route::Dns => {
@@ -584,6 +599,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             let open = ns.monitor.open.load_full();
             let tag = ns.tag();
             let (own, ns) = (ctx.node.primary().id, ns.clone());
+            let names = ctx.node.names.clone();
             let replies = ctx.dns;
             heavy(ctx, deadline, move |deadline| {
                 // The insert-race incidents of the window: open ones, and the stored ones.
@@ -614,7 +630,10 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
                     replies,
                     tag,
                 ) {
-                    Ok(r) => answer("dns", &r),
+                    Ok(mut r) => {
+                        names.annotate_dns(&mut r, dp.until.min(now));
+                        answer("dns", &r)
+                    }
                     Err(QueryError::Deadline) => Err(ApiError::Deadline(
                         deadline.saturating_duration_since(Instant::now()),
                     )),

@@ -467,7 +467,7 @@ impl Connection {
         let interval = Duration::from_millis(params.interval_ms);
         // A watcher that cannot take a frame in this long is dropped, never waited for.
         let patience = interval.min(self.write_timeout);
-        let mut w = watch::Watcher::new(params, ns);
+        let mut w = watch::Watcher::new(params, ns, self.ctx.node.names.clone());
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ctwatch_proto::{NamespacesStatus, NetnsEntry, TopEntry, TopParams, TopReply};
 
-use crate::node::{Node, Ns, Untracked};
+use crate::node::{Names, Node, Ns, Untracked};
 use crate::stats::snapshot::pct;
 
 /// Top services shown per namespace.
@@ -15,7 +15,7 @@ const TOP_PER_NETNS: usize = 3;
 pub const NOTHING_TRACKED: &str = "nothing tracked since ctwatchd began following it: the kernel tracks connections in a namespace only once a rule there needs it, so these zeros say nothing about its traffic";
 
 /// A namespace's figures now.
-pub fn entry(n: &Ns) -> NetnsEntry {
+pub fn entry(n: &Ns, names: &Names) -> NetnsEntry {
     let k = n.kernel.view();
     let snap = n.reader.snapshot();
     let info = n.info.load();
@@ -29,6 +29,10 @@ pub fn entry(n: &Ns) -> NetnsEntry {
             count,
         )
         .entries;
+    let mut top = top;
+    for e in &mut top {
+        names.annotate(e);
+    }
     let nothing = n.tracked_nothing();
     NetnsEntry {
         netns_id: n.id,
@@ -69,7 +73,7 @@ fn untracked(u: &Untracked) -> NetnsEntry {
 /// Every namespace: those followed by usage, largest first (then by count, then by id), then
 /// those found but not followed. At most `limit`.
 pub fn list(node: &Node, limit: usize) -> Vec<NetnsEntry> {
-    let mut out: Vec<NetnsEntry> = node.units().iter().map(|n| entry(n)).collect();
+    let mut out: Vec<NetnsEntry> = node.units().iter().map(|n| entry(n, &node.names)).collect();
     out.sort_by(|a, b| {
         b.usage_pct
             .total_cmp(&a.usage_pct)
@@ -85,7 +89,7 @@ pub fn list(node: &Node, limit: usize) -> Vec<NetnsEntry> {
 pub fn summary(node: &Node) -> NamespacesStatus {
     let units = node.units();
     let entries: Vec<NetnsEntry> = if node.all {
-        units.iter().map(|n| entry(n)).collect()
+        units.iter().map(|n| entry(n, &node.names)).collect()
     } else {
         Vec::new()
     };

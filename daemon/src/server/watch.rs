@@ -39,6 +39,7 @@ struct Prev {
 pub struct Watcher {
     pub params: WatchParams,
     ns: Arc<Ns>,
+    names: Arc<crate::node::Names>,
     prev: Option<Prev>,
     seq: u64,
     /// Incidents already shown as open.
@@ -46,12 +47,13 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(params: WatchParams, ns: Arc<Ns>) -> Watcher {
+    pub fn new(params: WatchParams, ns: Arc<Ns>, names: Arc<crate::node::Names>) -> Watcher {
         // Incidents open when the stream starts are not news.
         let seen = ns.monitor.open.load().iter().map(|i| i.id).collect();
         Watcher {
             params,
             ns,
+            names,
             prev: None,
             seq: 0,
             seen,
@@ -87,12 +89,14 @@ impl Watcher {
                     ),
                     _ => (None, None),
                 };
+                let mut entry = ctwatch_proto::TopEntry {
+                    live: *live,
+                    share_pct: pct(*live, denom),
+                    ..key.fields(by).top_entry()
+                };
+                self.names.annotate(&mut entry);
                 WatchRow {
-                    entry: ctwatch_proto::TopEntry {
-                        live: *live,
-                        share_pct: pct(*live, denom),
-                        ..key.fields(by).top_entry()
-                    },
+                    entry,
                     live_delta_per_sec: delta,
                     created_per_sec: created,
                 }

@@ -1,5 +1,6 @@
 //! Shared helpers. Everything a test creates is removed in `Drop`, also when it panics.
 
+pub mod cgroup;
 pub mod clients;
 mod daemon;
 mod fs;
