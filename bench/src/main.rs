@@ -30,7 +30,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     seconds: u64,
     /// Run only these sections: loads (ctwatchd against conntrack -E), clients (the flood under
-    /// client load), metrics (the flood while /metrics is scraped), startup (a large table
+    /// client load), dns (following DNS replies, on and off), netns (--all-netns with 10 and 100
+    /// namespaces), metrics (the flood while /metrics is scraped), startup (a large table
     /// against the kernel's own dump). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -475,6 +476,199 @@ fn startup_rows(a: &Args) -> Result<Vec<String>> {
     ])
 }
 
+/// The cost of following DNS replies (`[dns] enabled`): the socket also joins the UPDATE group,
+/// behind a kernel-side filter that passes only DNS entries' updates. TCP connect/close makes
+/// several UPDATE events per connection (all filtered out); a DNS query/reply load makes one
+/// per query (passed). Each load with DNS on and off: events seen and lost, updates received,
+/// the daemon's CPU.
+fn dns_rows(a: &Args) -> Result<Vec<String>> {
+    let mut out = vec![format!(
+        "{:<26} {:<8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>9}",
+        "load", "dns", "created", "seen", "updates", "lost", "CPU ms", "µs/event"
+    )];
+    let deadline = Duration::from_secs(a.seconds);
+    for load in ["tcp connect/close", "udp/53 query+reply"] {
+        for (label, cfg) in [("on", ""), ("off", "[dns]\nenabled = false\n")] {
+            let ns = bench_ns(false);
+            let d = Daemon::start(
+                &ns,
+                DaemonOpts {
+                    config: cfg.into(),
+                    ..Default::default()
+                },
+            );
+            let s0 = d.json(&["status"]);
+            let new0 = new_counter(&ns);
+            let cpu0 = cpu_secs(d.pid());
+            if load.starts_with("tcp") {
+                load::tcp_connect_close(&ns.path(), 200_000, deadline);
+            } else {
+                dns_load(&ns, 50_000, deadline);
+            }
+            let end = Instant::now();
+            let _ = converge(&d, &ns, end);
+            let cpu1 = cpu_secs(d.pid());
+            let s1 = d.json(&["status"]);
+            let created = new_counter(&ns) - new0;
+            let diff =
+                |f: &str, k: &str| s1[f][k].as_u64().unwrap_or(0) - s0[f][k].as_u64().unwrap_or(0);
+            let seen = diff("events", "new");
+            let cpu = (cpu1.0 + cpu1.1) - (cpu0.0 + cpu0.1);
+            out.push(format!(
+                "{:<26} {:<8} {:>9} {:>9} {:>8} {:>6} {:>8.0} {:>9.2}",
+                load,
+                label,
+                created,
+                seen,
+                diff("dns", "updates"),
+                diff("events", "lost"),
+                cpu * 1000.0,
+                cpu * 1e6 / created.max(1) as f64
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// DNS on loopback: a server answering on 127.0.0.1:53, and queries from a fresh socket each
+/// (one entry each, answered), at most `n` or until `deadline`.
+fn dns_load(ns: &Netns, n: u64, deadline: Duration) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = Arc::new(std::sync::Barrier::new(2));
+    std::thread::scope(|s| {
+        let (stop2, ready2) = (stop.clone(), ready.clone());
+        s.spawn(move || {
+            ns.run(|| {
+                let srv = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
+                srv.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                ready2.wait();
+                let mut buf = [0u8; 512];
+                while !stop2.load(Ordering::Relaxed) {
+                    if let Ok((len, from)) = srv.recv_from(&mut buf) {
+                        let _ = srv.send_to(&buf[..len], from);
+                    }
+                }
+            })
+        });
+        ready.wait();
+        ns.run(|| {
+            let end = Instant::now() + deadline;
+            let mut buf = [0u8; 64];
+            for _ in 0..n {
+                if Instant::now() > end {
+                    break;
+                }
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let _ = c.send_to(b"query", "127.0.0.1:53");
+                let _ = c.recv_from(&mut buf);
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+/// `--all-netns` with many namespaces: the daemon's idle CPU and memory with `n` quiet
+/// namespaces followed, and a one-sender flood in one of them (events lost, the others' counts
+/// untouched).
+fn netns_rows(a: &Args) -> Result<Vec<String>> {
+    let mut out = vec![format!(
+        "{:<34} {:>10} {:>9} {:>8} {:>10} {:>9} {:>9}",
+        "namespaces followed",
+        "follow all",
+        "RSS MiB",
+        "threads",
+        "idle CPU %",
+        "flood NEW",
+        "lost"
+    )];
+    for n in [10usize, 100] {
+        let spaces: Vec<Netns> = (0..n).map(|_| Netns::for_load()).collect();
+        let d = Daemon::start(
+            &Netns::new(),
+            DaemonOpts {
+                all_netns: true,
+                ..Default::default()
+            },
+        );
+        let t0 = Instant::now();
+        let ids: Vec<u64> = spaces
+            .iter()
+            .map(|s| {
+                std::fs::metadata(s.path())
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap_or_default()
+            })
+            .collect();
+        loop {
+            let list = d.json(&["netns"]);
+            let followed = list
+                .as_array()
+                .map(|l| {
+                    ids.iter()
+                        .filter(|id| {
+                            l.iter()
+                                .any(|e| e["netns_id"] == **id && e["followed"] == true)
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            if followed == n || t0.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let follow = t0.elapsed();
+        let rss = status_kib(d.pid(), "VmRSS:") / 1024;
+        let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .map(|r| r.count())
+            .unwrap_or(0);
+        let c0 = cpu_secs(d.pid());
+        let w = Instant::now();
+        std::thread::sleep(Duration::from_secs(5));
+        let c1 = cpu_secs(d.pid());
+        let idle = ((c1.0 + c1.1) - (c0.0 + c0.1)) * 100.0 / w.elapsed().as_secs_f64();
+        let target = &spaces[0];
+        let before = d.json(&["status"]);
+        let sent = load::udp_new_flood(
+            &target.path(),
+            1,
+            100_000,
+            Duration::from_secs(a.seconds.max(3)),
+        );
+        let id = ids[0];
+        let t = Instant::now();
+        let mut lost = String::from("?");
+        while t.elapsed() < Duration::from_secs(20) {
+            let list = d.json(&["netns"]);
+            if let Some(e) = list
+                .as_array()
+                .and_then(|l| l.iter().find(|e| e["netns_id"] == id))
+            {
+                if e["count"] == e["live"] && e["live"].as_u64() == Some(target.conntrack_count()) {
+                    lost = e["lost"].to_string();
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = before;
+        out.push(format!(
+            "{:<34} {:>8.1} s {:>9} {:>8} {:>10.2} {:>9} {:>9}",
+            format!("{n} (+ the machine's own)"),
+            follow.as_secs_f64(),
+            rss,
+            threads,
+            idle,
+            sent,
+            lost
+        ));
+    }
+    Ok(out)
+}
+
 /// The one-sender flood alone, then under 63 clients looping over every method with its
 /// costliest parameters (with the row's own connection for the probe and its Status calls, the
 /// 64 connections the daemon takes): events lost, and Status latency as one more client sees it.
@@ -788,6 +982,20 @@ fn main() -> Result<()> {
         println!();
         eprintln!("ctbench: the flood under client load");
         for l in client_load_rows(&a)? {
+            println!("{l}");
+        }
+    }
+    if want("dns") {
+        println!();
+        eprintln!("ctbench: the cost of following DNS replies");
+        for l in dns_rows(&a)? {
+            println!("{l}");
+        }
+    }
+    if want("netns") {
+        println!();
+        eprintln!("ctbench: --all-netns with many namespaces");
+        for l in netns_rows(&a)? {
             println!("{l}");
         }
     }
