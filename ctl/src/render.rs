@@ -311,6 +311,12 @@ pub fn status(s: &StatusReply) -> String {
             }
         ),
     ));
+    if s.tracked_nothing {
+        rows.push((
+            "note",
+            "nothing tracked since ctwatchd started: the kernel tracks connections in a namespace only once a rule there needs it (an nft/iptables rule with ct state, NAT, ...), so these zeros say nothing about traffic".into(),
+        ));
+    }
     if !s.health.degraded.is_empty() {
         rows.push(("degraded", s.health.degraded.join("; ")));
     }

@@ -264,6 +264,16 @@ impl Engine {
     }
 
     /// The open incidents as they are now (the store may be a few seconds behind).
+    /// Whether every kind of incident is open already (then no signal opens a new one).
+    pub fn all_open(&self) -> bool {
+        self.open.iter().all(|o| o.is_some())
+    }
+
+    /// Whether a table-full incident is open.
+    pub fn table_full_open(&self) -> bool {
+        self.open[TABLE_FULL].is_some()
+    }
+
     pub fn open_incidents(&self) -> Vec<Incident> {
         self.open.iter().flatten().map(|o| o.inc.clone()).collect()
     }

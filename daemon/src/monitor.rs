@@ -306,14 +306,14 @@ impl Monitor {
         }
     }
 
-    /// The reader's latest snapshot, once it is at least as new as `since` (the moment a
-    /// signal arrived), waiting at most `FRESH_WAIT`: an incident's picture must include the
+    /// The reader's latest snapshot, once it has read every event queued before `since` (the
+    /// moment a signal arrived), waiting at most `FRESH_WAIT`: an incident's picture must include the
     /// burst that filled the table, which the reader published at most `PUBLISH_EVERY` later.
     fn fresh_snapshot(&self, since: Instant) -> Arc<crate::stats::Snapshot> {
         let until = since + FRESH_WAIT;
         loop {
             let snap = self.snapshots.load_full();
-            if snap.taken >= since || Instant::now() >= until {
+            if snap.caught_up >= since || Instant::now() >= until {
                 return snap;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -324,6 +324,10 @@ impl Monitor {
         let fault = crate::supervise::test_fault("monitor");
         let started = Instant::now();
         self.engine.prime(self.kernel.view().stats.counters);
+        // The picture at start is the first basis of creation rates: a burst between the
+        // startup dump and the first poll counts in them.
+        let first = self.snapshots.load_full();
+        self.remember(&first);
         loop {
             let wait = self
                 .last_poll
@@ -335,7 +339,13 @@ impl Monitor {
                     // Counters first, so the incident's baseline predates the drop it reports.
                     let arrived = Instant::now();
                     self.poll();
-                    let snap = self.fresh_snapshot(arrived);
+                    // Only a line that may open an incident waits for a fresher picture: the
+                    // lines of an incident already open are counted at once.
+                    let snap = if self.engine.table_full_open() {
+                        self.snapshots.load_full()
+                    } else {
+                        self.fresh_snapshot(arrived)
+                    };
                     let ctx = Self::ctx(
                         &self.kernel,
                         self.earlier.as_ref().or(self.next.as_ref()),
@@ -348,7 +358,11 @@ impl Monitor {
                     if self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
                         self.last_engine = Some(Instant::now());
                         let polled = self.last_poll.unwrap_or_else(Instant::now);
-                        let snap = self.fresh_snapshot(polled);
+                        let snap = if self.engine.all_open() {
+                            self.snapshots.load_full()
+                        } else {
+                            self.fresh_snapshot(polled)
+                        };
                         let ctx = Self::ctx(
                             &self.kernel,
                             self.earlier.as_ref().or(self.next.as_ref()),

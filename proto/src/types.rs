@@ -102,6 +102,10 @@ pub struct StatusReply {
     pub clients: ClientsStatus,
     #[serde(default)]
     pub namespaces: NamespacesStatus,
+    /// Nothing tracked in the daemon's own namespace since it started: conntrack is off there
+    /// until a rule needs it, so the zeros above say nothing about its traffic.
+    #[serde(default)]
+    pub tracked_nothing: bool,
     /// The daemon's own namespace: its inode number, and its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_id: Option<u64>,

@@ -117,9 +117,12 @@ fn the_seed_incident_names_the_flooding_service_and_counts_every_drop() {
     );
     let one = d.json(&["incident", &closed["id"].to_string()]);
     assert_eq!(one["at_open"]["top_services"][0]["dport"], 9999);
-    assert!(one["at_peak"]["top_services_by_rate"]
-        .as_array()
-        .is_some_and(|a| !a.is_empty()));
+    assert!(
+        one["at_peak"]["top_services_by_rate"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{one}"
+    );
     let text = d.ctctl(&["incidents"]);
     assert!(
         text.contains("table_full") && text.contains("udp 127.0.0.1:9999"),

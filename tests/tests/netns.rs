@@ -453,3 +453,21 @@ fn a_pod_is_named_and_an_incident_keeps_the_name_of_its_time() {
     assert_eq!(row["src_name"], "default/web-1", "{q}");
     drop(web2);
 }
+
+/// A namespace where nothing was ever tracked says so in `ctctl status`, instead of zeros that
+/// read like a quiet table; the first entry clears it.
+#[test]
+fn status_says_when_nothing_was_ever_tracked() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, DaemonOpts::default());
+    let s = d.json(&["status"]);
+    assert_eq!(s["tracked_nothing"], true, "{s}");
+    assert!(d
+        .ctctl(&["status"])
+        .contains("nothing tracked since ctwatchd started"));
+    flows_in(&ns.path(), 5320, 1);
+    wait_for("the first entry", Duration::from_secs(5), || {
+        (d.json(&["status"])["tracked_nothing"] == false).then_some(())
+    });
+    assert!(!d.ctctl(&["status"]).contains("nothing tracked"));
+}

@@ -148,6 +148,7 @@ impl Publisher {
         self.seq += 1;
         next.seq = self.seq;
         next.taken = Instant::now();
+        next.caught_up = meta.caught_up;
         next.unix = unix_now();
         let c = tracker.counters;
         next.figures = ReaderFigures {
@@ -425,10 +426,15 @@ impl Reader {
                     }
                     total += n;
                     if n < crate::conntrack::socket::BATCH {
+                        // A short batch: the socket ran dry.
+                        self.meta.caught_up = Instant::now();
                         break;
                     }
                 }
-                Ok(Recv::Empty) => break,
+                Ok(Recv::Empty) => {
+                    self.meta.caught_up = Instant::now();
+                    break;
+                }
                 Ok(Recv::Overrun) => self.on_overrun(),
                 Err(e) => {
                     warn!(error = %e, "event socket receive failed");

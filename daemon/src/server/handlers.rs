@@ -380,6 +380,7 @@ fn status(ctx: &Ctx) -> StatusReply {
             watchers_dropped: load(&ctx.clients.watchers_dropped),
         },
         namespaces: super::netns::summary(&ctx.node),
+        tracked_nothing: ctx.node.primary().tracked_nothing(),
         netns_id: Some(ctx.node.primary().id),
         netns_name: ctx.node.primary().name(),
         dns: DnsStatus {

@@ -127,6 +127,9 @@ pub struct Snapshot {
     /// Increases with every publication.
     pub seq: u64,
     pub taken: Instant,
+    /// The last time before `taken` the reader found its event socket empty: every event the
+    /// kernel queued before then is in this picture.
+    pub caught_up: Instant,
     /// Wall clock at `taken`, Unix seconds.
     pub unix: u64,
     pub figures: ReaderFigures,
@@ -158,6 +161,7 @@ impl Default for Snapshot {
         Snapshot {
             seq: 0,
             taken: Instant::now(),
+            caught_up: Instant::now(),
             unix: 0,
             figures: ReaderFigures::default(),
             live: 0,
@@ -346,6 +350,7 @@ impl Snapshot {
         Snapshot {
             seq: self.seq,
             taken: self.taken,
+            caught_up: self.caught_up,
             unix: self.unix,
             live: self.live,
             bucket_start: self.bucket_start,
@@ -554,11 +559,19 @@ impl Snapshot {
         n: usize,
         count: u64,
     ) -> Vec<TopEntry> {
-        let Some(e) =
-            earlier.filter(|e| self.taken.duration_since(e.taken) >= Duration::from_millis(900))
-        else {
-            let secs = self.unix.saturating_sub(self.bucket_start).max(1) as f64;
-            return self.top_by_new(by, n, secs, count);
+        // Two publications apart at least: a shorter span says little. Without one, the open
+        // bucket's creations; and when the bucket has just turned over, any earlier picture.
+        let span = |e: &Snapshot| self.taken.saturating_duration_since(e.taken);
+        let e = match earlier {
+            Some(e) if span(e) >= Duration::from_millis(200) => e,
+            _ => {
+                let secs = self.unix.saturating_sub(self.bucket_start).max(1) as f64;
+                let rows = self.top_by_new(by, n, secs, count);
+                match earlier {
+                    Some(e) if rows.is_empty() && !span(e).is_zero() => e,
+                    _ => return rows,
+                }
+            }
         };
         let secs = self.taken.duration_since(e.taken).as_secs_f64();
         let denom = count.max(self.live).max(1);
