@@ -508,6 +508,18 @@ pub fn other_caps(c: Caps) -> Caps {
     }
 }
 
+/// An error and its causes, `what failed: why (os error N)`, for the journal and `ctctl netns`.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 /// Starts following namespace `seen`: its reader (startup dump included) and its monitor.
 fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
     let file = Arc::new(
@@ -525,6 +537,7 @@ fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
     let retired = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (rf, rk, rh) = (file.clone(), kernel.clone(), cfg.history.clone());
+    let rr = retired.clone();
     let reader_thread = crate::supervise::spawn_retirable(
         "ct-ns-reader",
         cfg.fatal.clone(),
@@ -540,7 +553,10 @@ fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
                     r.run();
                 }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    // Retired before the thread ends: a namespace it cannot enter (no
+                    // CAP_SYS_ADMIN, say) is untracked and retried, not the daemon's death.
+                    rr.store(true, Ordering::SeqCst);
+                    let _ = ready_tx.send(Err(with_causes(&e)));
                 }
             }
         },
@@ -567,7 +583,7 @@ fn start_unit(cfg: &UnitConfig, seen: &Seen) -> Result<Arc<Ns>, String> {
         }),
         RequestSocket::open,
     )
-    .map_err(|e| stop_reader(e.to_string()))?;
+    .map_err(|e| stop_reader(with_causes(&e)))?;
     let name: Arc<ArcSwapOption<String>> = Default::default();
     let mut engine = Engine::new(
         cfg.incidents.clone(),
@@ -837,6 +853,51 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a namespace the daemon could not enter ended its reader thread before it
+    /// was marked retired, which tripped the daemon's fatal path: under the all-netns drop-in
+    /// without CAP_SYS_ADMIN, systemd restarted ctwatchd every 2 s instead of it listing the
+    /// namespace as untracked with the reason.
+    #[test]
+    fn a_namespace_that_cannot_be_entered_is_untracked_not_fatal() {
+        let c = crate::config::Config::load(&<crate::config::Cli as clap::Parser>::parse_from([
+            "ctwatchd",
+            "--config",
+            "/dev/null",
+        ]))
+        .unwrap();
+        let fatal = crate::supervise::Fatal::new();
+        let cfg = UnitConfig {
+            reader: c.reader,
+            incidents: c.incidents,
+            history: None,
+            fatal: fatal.clone(),
+            ids: Default::default(),
+            max_namespaces: 8,
+        };
+        // Not a namespace: setns refuses it (EINVAL) as it refuses one without CAP_SYS_ADMIN
+        // (EPERM), whoever runs the test.
+        let path = PathBuf::from("/proc/self/status");
+        let seen = Seen {
+            id: crate::netns::id_of(&path).unwrap(),
+            path,
+            ip_names: Vec::new(),
+            docker: None,
+            pids: Vec::new(),
+            processes: 1,
+        };
+        for _ in 0..20 {
+            let why = start_unit(&cfg, &seen)
+                .err()
+                .expect("not a namespace, yet followed");
+            assert!(
+                why.contains("entering the network namespace failed: Invalid argument"),
+                "the reason lacks its cause: {why}"
+            );
+        }
+        // start_unit joined the reader thread: had it tripped the fatal path, it would be set.
+        assert_eq!(fatal.reason(), None);
+    }
 
     #[test]
     fn other_namespaces_get_a_share_of_each_cap() {

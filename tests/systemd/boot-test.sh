@@ -4,8 +4,11 @@
 # and checks what an operator meets: the unit active with its limits, ctctl for root and the
 # ctwatch group but not others, the socket's mode, structured journal fields, history kept
 # across systemctl stop/start, the watchdog restarting a stopped daemon, and, where systemd has
-# varlinkctl (255 and later), every io.ctwatch method called through it. Any failure exits
-# non-zero with the reason.
+# varlinkctl (255 and later), every io.ctwatch method called through it. Then the two drop-ins
+# the package ships, installed as README.md says: the metrics one (a scrape from inside the root
+# agreeing with ctctl) and the all-netns one (a named namespace and one only a process holds,
+# both followed with the kernel's counts; 128 namespaces within the unit's ceilings), with the
+# exposure systemd-analyze security gives each. Any failure exits non-zero with the reason.
 #
 # Every check waits for what it checks, up to a bound, and fails naming what it awaited: journald
 # writes what it is sent a little later, and a daemon restarted by systemd answers a little
@@ -13,6 +16,8 @@
 #
 # Usage: tests/systemd/boot-test.sh path/to/ctwatch.deb [RELEASE]
 # RELEASE: bookworm (Debian 12, systemd 252; the default) or trixie (Debian 13, systemd 257).
+# CTWATCH_ALL_NETNS_DROPIN=FILE: install FILE instead of the packaged all-netns drop-in, to see
+# what one of its lines is for (take it out, run, read what fails).
 #
 # systemd 257 boots here as PID 1 the same way as 252, although this host's cgroups are hybrid
 # (v1 controllers with a named systemd hierarchy, and v2 beside them): the namespace mounts a
@@ -107,6 +112,11 @@ tar -C "$ROOT" -xf "$CACHE"
 chmod 0755 "$WORK" "$ROOT" # mktemp makes 0700: services running as users must reach "/"
 cp "$DEB" "$ROOT/root/ctwatch.deb"
 cp "$IDL" "$ROOT/root/io.ctwatch.varlink"
+ALL_NETNS=/usr/share/ctwatch/systemd/ctwatchd-all-netns.conf
+if [ -n "${CTWATCH_ALL_NETNS_DROPIN:-}" ]; then
+	cp "$CTWATCH_ALL_NETNS_DROPIN" "$ROOT/root/all-netns.conf"
+	ALL_NETNS=/root/all-netns.conf
+fi
 # Nothing here needs D-Bus or logins; in a namespace they only fail (inotify, rlimits).
 for u in dbus.service dbus.socket systemd-logind.service e2scrub_reap.service; do
 	ln -sf /dev/null "$ROOT/etc/systemd/system/$u"
@@ -121,6 +131,11 @@ mount -t cgroup2 cgroup2 $ROOT/sys/fs/cgroup
 mount -t tmpfs tmpfs $ROOT/run
 mount -t tmpfs tmpfs $ROOT/tmp
 mount --rbind /dev $ROOT/dev
+# Shared, as systemd makes "/" when it boots a machine itself (in a container it leaves that to
+# the container manager): a unit's mount namespace is then a slave of it, and what is mounted
+# later, such as the bind mounts "ip netns add" makes in /run/netns, reaches the unit as on a
+# real host. Private, the all-netns daemon would only see namespaces named before it started.
+mount --make-rshared $ROOT
 exec env -i container=unshare /usr/sbin/chroot $ROOT /lib/systemd/systemd --log-target=journal
 INIT
 unshare -fpmun --kill-child --propagation private bash "$WORK/init.sh" >"$WORK/console.log" 2>&1 &
@@ -307,4 +322,156 @@ wait_for 40 "the watchdog to restart the SIGSTOPped daemon (MainPID $pid replace
 watchdog_logged() { in_root journalctl -u ctwatchd --no-pager | grep -i "watchdog timeout"; }
 wait_for 15 "PID 1's 'Watchdog timeout' line for ctwatchd in the journal" watchdog_logged
 say "watchdog restarted the stopped daemon ($pid -> $newpid): $(head -1 "$WAIT_OUT")"
-echo "boot-test: ok ($RELEASE, systemd $SYSTEMD, exposure $score)"
+exposure() { in_root systemd-analyze security ctwatchd.service 2>/dev/null | awk '/Overall exposure level/ {print $7}'; }
+DROPINS=/etc/systemd/system/ctwatchd.service.d
+# daemon-reload and restart, the start rate limit reset first: this test starts ctwatchd more
+# often than the default StartLimitBurst=5 in 10 s allows (systemd 257 runs it that fast).
+reload_restart() {
+	in_root systemctl daemon-reload
+	in_root systemctl reset-failed ctwatchd
+	in_root systemctl restart ctwatchd
+}
+# udp_flows N PORT [CMD...]: N UDP flows to 127.0.0.1:PORT from python3 run by CMD (ip netns
+# exec X); the sockets stay open until all have sent, so no two share a source port.
+udp_flows() {
+	local n=$1 port=$2
+	shift 2
+	in_root "$@" python3 -c '
+import socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for i in range(n)]
+for s in socks:
+    s.sendto(b"x", ("127.0.0.1", port))
+' "$n" "$port"
+}
+# conntrack_on [CMD...]: conntrack on in the namespace CMD runs in (an nft rule that needs it),
+# UDP entries kept 10 minutes there so that the counts compared stay put.
+conntrack_on() {
+	printf 'table inet t {\n chain out {\n  type filter hook output priority 0;\n  ct state new counter\n }\n}\n' | in_root "$@" nft -f -
+	in_root "$@" sh -c 'echo 600 >/proc/sys/net/netfilter/nf_conntrack_udp_timeout'
+}
+
+# The metrics drop-in, installed as README.md says (the watchdog one taken away first): the
+# endpoint answers a scrape from inside the root, and its entry count is the one ctctl gives.
+in_root rm "$DROPINS/watchdog.conf"
+in_root cp /usr/share/ctwatch/systemd/ctwatchd-metrics.conf "$DROPINS/metrics.conf"
+reload_restart
+wait_for 20 "ctctl status to answer with the metrics drop-in" answers
+conntrack_on
+udp_flows 9 5354
+scrape_agrees() {
+	in_root python3 -c '
+import json, subprocess, urllib.request
+r = urllib.request.urlopen("http://127.0.0.1:9612/metrics", timeout=5)
+body = r.read().decode()
+got = [l.split()[1] for l in body.splitlines() if l.split(" ")[0] == "ctwatch_conntrack_entries"]
+count = json.loads(subprocess.run(["ctctl", "status", "--json"], capture_output=True, check=True).stdout)["count"]
+ok = r.status == 200 and len(got) == 1 and float(got[0]) == count and count >= 9
+print(f"HTTP {r.status}, ctwatch_conntrack_entries {got}, ctctl status count {count}")
+raise SystemExit(0 if ok else 1)'
+}
+wait_for 20 "a scrape of http://127.0.0.1:9612/metrics: 200, ctwatch_conntrack_entries equal to ctctl's count (at least 9)" scrape_agrees
+score_metrics=$(exposure)
+[ -n "$score_metrics" ] || fail "no exposure level from systemd-analyze security with the metrics drop-in"
+say "metrics drop-in: $(cat "$WAIT_OUT"); systemd-analyze security: $score_metrics"
+
+# The all-netns drop-in, instead (the metrics one taken away again).
+in_root rm "$DROPINS/metrics.conf"
+in_root cp "$ALL_NETNS" "$DROPINS/all-netns.conf"
+reload_restart
+wait_for 20 "ctctl status to answer with the all-netns drop-in" answers
+invocation=$(in_root systemctl show -p InvocationID --value ctwatchd)
+pid=$(in_root systemctl show -p MainPID --value ctwatchd)
+restarts=$(in_root systemctl show -p NRestarts --value ctwatchd)
+# netns_has ID COUNT [NAME]: ctctl netns lists namespace ID, followed, with COUNT entries (all
+# to udp 127.0.0.1:5353) and the contract's fields; named NAME, or with no name.
+netns_has() {
+	in_root ctctl netns --json | python3 -c '
+import json, sys
+want_id, want_count = int(sys.argv[1]), int(sys.argv[2])
+want_name = sys.argv[3] if len(sys.argv) > 3 else None
+t = sys.stdin.read()
+e = next((e for e in json.loads(t) if e["netns_id"] == want_id), None)
+ok = (e is not None and e["followed"] and e["name"] == want_name and e["count"] == want_count
+      and e["max"] > 0 and abs(e["usage_pct"] - 100 * e["count"] / e["max"]) < 0.01
+      and [(s["dport"], s["live"]) for s in e["top_services"]][:1] == [(5353, want_count)])
+print(json.dumps(e) if e else f"namespace {want_id} not listed; listed (id: name, count, followed, why): "
+      + str({e["netns_id"]: (e["name"], e["count"], e["followed"], e["why"]) for e in json.loads(t)}))
+raise SystemExit(0 if ok else 1)' "$@"
+}
+# A named namespace, made after the daemon started: the bind mount must reach the unit.
+in_root ip netns add ctw-named
+in_root ip netns exec ctw-named ip link set lo up
+conntrack_on ip netns exec ctw-named
+udp_flows 7 5353 ip netns exec ctw-named
+id_named=$(in_root stat -L -c %i /run/netns/ctw-named)
+# A namespace only a process holds: made with a name, which is deleted once the daemon follows
+# it and a process runs in it. The process is a transient unit of the booted systemd, not a
+# child of this script: it ends with the root, and inherits none of this script's descriptors
+# (a background nsenter would keep the kernel-test lock, and be stopped for good by the
+# shutdown's SIGSTOP, keeping the root's PID 1 from exiting).
+in_root ip netns add ctw-held
+in_root ip netns exec ctw-held ip link set lo up
+conntrack_on ip netns exec ctw-held
+udp_flows 4 5353 ip netns exec ctw-held
+id_held=$(in_root stat -L -c %i /run/netns/ctw-held)
+in_root systemd-run --quiet --unit=ctw-held ip netns exec ctw-held sleep 600
+holder_runs() {
+	holder=$(in_root systemctl show -p MainPID --value ctw-held) && [ "$holder" != 0 ] &&
+		[ "$(in_root stat -L -c %i "/proc/$holder/ns/net")" = "$id_held" ]
+}
+wait_for 10 "sleep to run in ctw-held" holder_runs
+wait_for 20 "ctctl netns to list ctw-held ($id_held) with 4 entries" netns_has "$id_held" 4 ctw-held
+in_root ip netns del ctw-held
+kernel_counts() {
+	kernel_named=$(in_root ip netns exec ctw-named cat /proc/sys/net/netfilter/nf_conntrack_count)
+	kernel_held=$(in_root nsenter -t "$holder" -n cat /proc/sys/net/netfilter/nf_conntrack_count)
+	[ "$kernel_named" = 7 ] && [ "$kernel_held" = 4 ] || { echo "nf_conntrack_count: ctw-named $kernel_named, the held one $kernel_held (want 7 and 4)"; return 1; }
+}
+wait_for 5 "nf_conntrack_count 7 in ctw-named and 4 in the held namespace" kernel_counts
+wait_for 20 "ctctl netns to list ctw-named ($id_named) with its nf_conntrack_count, 7" netns_has "$id_named" 7 ctw-named
+wait_for 20 "ctctl netns to list the namespace only sleep holds ($id_held), unnamed, with its nf_conntrack_count, 4" netns_has "$id_held" 4
+in_root ctctl status >"$WORK/status.txt" || fail "ctctl status with the all-netns drop-in: $(cat "$WORK/status.txt")"
+say "all-netns drop-in: ctw-named ($id_named) and a namespace only sleep holds ($id_held) followed with the kernel's counts (7 and 4)"
+
+# At max_namespaces (128 by default) followed: threads under the drop-in's TasksMax and above
+# the unit's (why the drop-in raises it), descriptors and memory within the unit's ceilings
+# (why it does not). This host's cgroups cannot enforce TasksMax (see above): it is counted.
+in_root sh -c 'for i in $(seq 125); do ip netns add ctw-many$i; done'
+followed() { in_root ctctl status --json | json "d['namespaces']['followed'] == $1"; }
+wait_for 60 "128 namespaces followed (ctctl status)" followed 128
+threads=$(in_root awk '/^Threads:/ {print $2}' "/proc/$pid/status")
+fds=$(in_root ls "/proc/$pid/fd" | wc -l)
+rss_kib=$(in_root awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
+limits=$(in_root systemctl show -p TasksMax,LimitNOFILE,MemoryHigh ctwatchd | sort | tr '\n' ' ')
+read -r nofile high tasks <<<"$(echo "$limits" | sed 's/[A-Za-z]*=//g')"
+[ "$threads" -le "$tasks" ] && [ "$threads" -gt 64 ] ||
+	fail "$threads threads with 128 namespaces followed: not within TasksMax=$tasks, or not over the unit's 64"
+[ $((fds + 64)) -le "$nofile" ] || fail "$fds descriptors with 128 namespaces followed, and 64 clients, over LimitNOFILE=$nofile"
+[ $((rss_kib * 1024 * 2)) -le "$high" ] || fail "$rss_kib KiB RSS with 128 namespaces followed: over half of MemoryHigh=$high"
+say "128 namespaces followed: $threads threads, $fds descriptors, $((rss_kib >> 10)) MiB RSS ($limits)"
+ids=$(in_root sh -c 'stat -L -c %i /run/netns/ctw-many*' | tr '\n' ',')
+in_root sh -c 'for i in $(seq 125); do ip netns del ctw-many$i; done'
+in_root systemctl stop ctw-held
+gone() {
+	in_root ctctl netns --json | python3 -c '
+import json, sys
+listed = {e["netns_id"]: (e["name"], e["processes"]) for e in json.load(sys.stdin)}
+left = {i: listed[i] for i in map(int, sys.argv[1].split(",")[:-1] + [sys.argv[2]]) if i in listed}
+print(f"still listed: {left}; ctw-named listed: {int(sys.argv[3]) in listed}")
+raise SystemExit(0 if not left and int(sys.argv[3]) in listed else 1)' "$ids" "$id_held" "$id_named"
+}
+wait_for 20 "ctctl netns to forget the 125 namespaces deleted and the held one once sleep is stopped, and keep ctw-named" gone
+
+# Nothing failed on the way: the same daemon, never restarted, and no namespace it could not
+# follow or permission it lacked in its journal.
+now=$(in_root systemctl show -p MainPID,NRestarts --value ctwatchd | tr '\n' ' ')
+[ "$now" = "$pid $restarts " ] || fail "ctwatchd restarted under the all-netns drop-in (MainPID NRestarts: $pid $restarts, now $now)"
+in_root journalctl "_SYSTEMD_INVOCATION_ID=$invocation" --no-pager -o cat >"$WORK/all-netns.log"
+if grep -Ei "cannot follow|setns|not permitted|permission denied|ended unexpectedly" "$WORK/all-netns.log" >"$WAIT_OUT"; then
+	fail "ctwatchd's journal under the all-netns drop-in: $(head -c 1500 "$WAIT_OUT")"
+fi
+score_all=$(exposure)
+[ -n "$score_all" ] || fail "no exposure level from systemd-analyze security with the all-netns drop-in"
+say "all-netns drop-in: journal clean ($(grep -c "following network namespace" "$WORK/all-netns.log") namespaces followed, $(grep -c "no longer followed" "$WORK/all-netns.log") retired); systemd-analyze security: $score_all"
+echo "boot-test: ok ($RELEASE, systemd $SYSTEMD, exposure $score, +metrics $score_metrics, +all-netns $score_all)"
