@@ -874,6 +874,8 @@ mod tests {
             fatal: fatal.clone(),
             ids: Default::default(),
             max_namespaces: 8,
+            names: None,
+            name_roots: Default::default(),
         };
         // Not a namespace: setns refuses it (EINVAL) as it refuses one without CAP_SYS_ADMIN
         // (EPERM), whoever runs the test.

@@ -36,6 +36,11 @@ impl BucketClock {
         now >= self.start.saturating_add(self.secs) || now < self.start
     }
 
+    /// How long until the open bucket must close, from `now` (time since the Unix epoch).
+    pub fn until_due(&self, now: std::time::Duration) -> std::time::Duration {
+        std::time::Duration::from_secs(self.start.saturating_add(self.secs)).saturating_sub(now)
+    }
+
     /// Closes the open bucket (returns its start) and opens the one containing `now`.
     pub fn advance(&mut self, now: u64) -> u64 {
         let closed = self.start;
@@ -56,6 +61,14 @@ mod tests {
         assert!(c.due(1_000_080));
         assert_eq!(c.advance(1_000_080), 1_000_020);
         assert_eq!(c.start(), 1_000_080);
+    }
+
+    #[test]
+    fn the_time_until_the_boundary_counts_the_fraction_of_a_second() {
+        let c = BucketClock::new(60, 1_000_030);
+        let now = std::time::Duration::from_millis(1_000_079_250);
+        assert_eq!(c.until_due(now), std::time::Duration::from_millis(750));
+        assert_eq!(c.until_due(now * 2), std::time::Duration::ZERO);
     }
 
     #[test]

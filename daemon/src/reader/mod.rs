@@ -607,7 +607,13 @@ impl Reader {
                 panic!("CTWATCHD_TEST_FAULT=reader");
             }
             if got == 0 {
-                self.wait(self.policy.idle_wait().min(PUBLISH_EVERY));
+                // Awake when the bucket turns, so that what comes after the boundary counts
+                // in the next one.
+                let turn = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|now| self.clock.until_due(now) + Duration::from_millis(1))
+                    .unwrap_or(PUBLISH_EVERY);
+                self.wait(self.policy.idle_wait().min(PUBLISH_EVERY).min(turn));
             }
         }
         // Events already queued count, and the open bucket goes to the store too: a clean

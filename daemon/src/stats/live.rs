@@ -62,6 +62,26 @@ impl Hasher for IdentityHasher {
     }
 }
 
+/// The mirror key (see `Tracker::key`), as two halves: 4-byte aligned, an entry of the mirror
+/// takes 20 bytes and its control byte, where a `u64` key would pad it to 24.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct MKey([u32; 2]);
+
+impl MKey {
+    fn get(self) -> u64 {
+        ((self.0[1] as u64) << 32) | self.0[0] as u64
+    }
+    fn of(k: u64) -> MKey {
+        MKey([k as u32, (k >> 32) as u32])
+    }
+}
+
+impl std::hash::Hash for MKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.get())
+    }
+}
+
 const MARK: u32 = 1 << 31;
 const ORPHAN: u32 = 1 << 30;
 // Bits 29..27: a DNS query's outcome (`dns::bits`).
@@ -192,7 +212,7 @@ struct Windows {
 pub const DEFAULT_WINDOW_KEYS: usize = 16_384;
 
 pub struct Tracker {
-    mirror: HashMap<u64, Entry, BuildHasherDefault<IdentityHasher>>,
+    mirror: HashMap<MKey, Entry, BuildHasherDefault<IdentityHasher>>,
     keys: Keys,
     windows: Windows,
     /// The DNS picture (`dns_on`: entries are classified at all).
@@ -246,7 +266,7 @@ impl Tracker {
         self.now_ms = ms;
         let mirror = &mut self.mirror;
         self.dns.mature(ms, |k| {
-            mirror.get_mut(&k).map(|e| {
+            mirror.get_mut(&MKey::of(k)).map(|e| {
                 let m = e.meta;
                 e.meta |= dns::bits::SETTLED;
                 m
@@ -274,9 +294,8 @@ impl Tracker {
     /// The mirror key: the kernel's 32-bit id, and 32 bits of a hash of the original tuple so
     /// that two entries sharing an id (ids are 32-bit hashes) stay apart.
     #[inline]
-    fn key(&self, id: u32, orig: &Tuple) -> u64 {
-        let check = self.check.hash_one(orig) as u32;
-        ((check as u64) << 32) | id as u64
+    fn key(&self, id: u32, orig: &Tuple) -> MKey {
+        MKey([id, self.check.hash_one(orig) as u32])
     }
 
     /// A NEW event. Idempotent: an entry already known (from a dump that raced the event) is
@@ -295,7 +314,7 @@ impl Tracker {
             Entry_::Vacant(v) => {
                 let (flow, backend) = self.keys.count(c, true);
                 let dns = match self.dns_on.then(|| DnsKey::of(c)).flatten() {
-                    Some(k) => self.dns.count(c, &k, key, self.now_ms, true),
+                    Some(k) => self.dns.count(c, &k, key.get(), self.now_ms, true),
                     None => 0,
                 };
                 v.insert(Entry {
@@ -316,7 +335,7 @@ impl Tracker {
         let key = self.key(c.id, &c.orig);
         if let Some(e) = self.mirror.get_mut(&key) {
             if e.meta & dns::bits::DNS != 0 {
-                let bits = self.dns.on_update(key, c, e.meta & dns::bits::ALL);
+                let bits = self.dns.on_update(key.get(), c, e.meta & dns::bits::ALL);
                 e.meta = (e.meta & !dns::bits::ALL) | bits;
             }
         }
@@ -365,7 +384,7 @@ impl Tracker {
                 );
                 self.keys.release(&e);
                 if e.meta & dns::bits::DNS != 0 {
-                    self.dns.on_destroy(key, c, e.meta & dns::bits::ALL);
+                    self.dns.on_destroy(key.get(), c, e.meta & dns::bits::ALL);
                 }
             }
             None => self.counters.destroy_unknown += 1,
@@ -451,7 +470,7 @@ impl Tracker {
             Entry_::Vacant(v) => {
                 let (flow, backend) = self.keys.count(c, missed);
                 let dns = match self.dns_on.then(|| DnsKey::of(c)).flatten() {
-                    Some(k) => self.dns.count(c, &k, key, self.now_ms, false),
+                    Some(k) => self.dns.count(c, &k, key.get(), self.now_ms, false),
                     None => 0,
                 };
                 v.insert(Entry {
@@ -500,7 +519,7 @@ impl Tracker {
             }
             keys.release(e);
             if e.meta & dns::bits::DNS != 0 {
-                dns.on_swept(*k);
+                dns.on_swept(k.get());
             }
             false
         });
@@ -525,7 +544,7 @@ impl Tracker {
 
     /// Approximate heap bytes held by the mirror and the tables.
     pub fn heap_bytes(&self) -> usize {
-        self.mirror.capacity() * (std::mem::size_of::<(u64, Entry)>() + 1)
+        self.mirror.capacity() * (std::mem::size_of::<(MKey, Entry)>() + 1)
             + self.keys.services.heap_bytes()
             + self.keys.clients.heap_bytes()
             + self.keys.flows.heap_bytes()
