@@ -144,6 +144,16 @@ impl Health {
     }
 
     /// `part: why`, one per degraded part.
+    /// What `degraded` says, and the history store when it is not kept (the writer owns that
+    /// state; it is reported here so that status, metrics and alerts see it the same way).
+    pub fn degraded_with(&self, history: Option<&crate::history::HistoryHandle>) -> Vec<String> {
+        let mut d = self.degraded();
+        if let Some(why) = history.and_then(|h| h.unavailable()) {
+            d.push(format!("history: {why}"));
+        }
+        d
+    }
+
     pub fn degraded(&self) -> Vec<String> {
         self.degraded
             .lock()

@@ -117,11 +117,31 @@ fn a_read_only_or_full_disk_at_open_never_moves_the_store_aside() {
             .contains("read-only"),
         "{s}"
     );
+    // Degraded, as status and the metrics endpoint say it (the alert fires on it).
+    assert!(
+        s["health"]["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.starts_with("history: "))),
+        "{s}"
+    );
+    let text = d.ctctl(&["status"]);
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("degraded") && l.contains("history: ")),
+        "{text}"
+    );
     assert_eq!(broken_copies(&state), 0);
     fs.read_only(false);
     wait_for("history to resume", Duration::from_secs(20), || {
         (written(&d) >= 1).then_some(())
     });
+    let s = d.json(&["status"]);
+    assert!(
+        !s["health"]["degraded"].to_string().contains("history: "),
+        "{s}"
+    );
     assert_eq!(
         new_of(&query(&d, &["--since", "5m"]), 6510),
         5,

@@ -286,6 +286,15 @@ impl HistoryHandle {
         s
     }
 
+    /// Why history is not being kept, when it is not: the store could not be opened or
+    /// written, and has not been since (the writer retries).
+    pub fn unavailable(&self) -> Option<String> {
+        if self.store().is_some() {
+            return None;
+        }
+        self.stats().last_error
+    }
+
     /// Asks the writer to finish what is queued and stop; waits for room in the queue.
     pub fn stop(&self) {
         let _ = self.tx.send(Msg::Stop);

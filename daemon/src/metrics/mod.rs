@@ -147,7 +147,7 @@ impl Sources {
             dns,
             socket: Some(socket),
             kmsg,
-            degraded: self.health.degraded(),
+            degraded: self.health.degraded_with(self.history.as_ref()),
             process: render::Process::read(self.start_unix),
         })
     }

@@ -365,7 +365,7 @@ fn status(ctx: &Ctx) -> StatusReply {
         memory_bytes: obj.map(|o| o * count),
         max_memory_bytes: obj.map(|o| o * k.stats.max),
         health: HealthStatus {
-            degraded: ctx.health.degraded(),
+            degraded: ctx.health.degraded_with(ctx.history.as_ref()),
             snapshot_age_ms: snap.age().as_millis() as u64,
             kernel_age_ms: k.at.map(|t| t.elapsed().as_millis() as u64),
             dumping: snap.dumping.map(|d| d.as_str().to_string()),
