@@ -61,6 +61,11 @@ fn a_flood_loses_no_event_alone_or_while_every_client_asks_at_the_cap() {
         let d = Daemon::start(&ns, DaemonOpts::default());
         // The probe and 63 clients: the 64 connections the daemon takes by default.
         let probe = Probe::new(&d);
+        // The connections of the start's readiness checks are gone first (the daemon sees a
+        // client's close a moment later): the probe and 63 are then exactly the cap.
+        wait_for("the probe alone connected", Duration::from_secs(5), || {
+            (probe.status()["clients"]["connections"] == 1).then_some(())
+        });
         let hammer = with_clients.then(|| Hammer::start(&d.socket, 63, Duration::from_secs(120)));
         if let Some(h) = &hammer {
             wait_for("the clients to be busy", Duration::from_secs(10), || {
