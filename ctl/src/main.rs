@@ -172,6 +172,11 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if let Command::Top(a) = &cli.command {
         if a.watch {
+            if a.netns.as_deref() == Some("all") {
+                anyhow::bail!(
+                    "--watch follows one namespace: name it with --netns ID|NAME (see ctctl netns)"
+                );
+            }
             let p = params(json!({
                 "by": a.by.as_str(),
                 "limit": a.limit.min(ctwatch_proto::MAX_WATCH_ROWS as u64),
