@@ -435,3 +435,42 @@ fn a_mirror_record_is_twenty_bytes() {
     let k = MKey::of(0x1234_5678_9abc_def0);
     assert_eq!(k.get(), 0x1234_5678_9abc_def0);
 }
+
+/// A dump that fails part-way leaves nothing looking seen: an entry the failed dump had
+/// marked, gone by the next dump, is swept by that dump (flipping the mark back left it alive).
+#[test]
+fn a_failed_dump_marks_nothing_for_the_next_one() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    let a = conn(1, 17, [10, 0, 0, 1], 1, [10, 0, 0, 53], 53);
+    let b = conn(2, 17, [10, 0, 0, 1], 2, [10, 0, 0, 53], 53);
+    let c = conn(3, 17, [10, 0, 0, 1], 3, [10, 0, 0, 53], 53);
+    t.begin_dump();
+    t.on_dump_entry(&a, 0, false);
+    t.on_dump_entry(&b, 0, false);
+    assert_eq!(t.end_dump(), 0);
+    // The next dump sees a, and c (new to it), then fails.
+    t.begin_dump();
+    t.on_dump_entry(&a, 1, false);
+    t.on_dump_entry(&c, 1, false);
+    t.abort_dump();
+    assert_eq!(
+        (t.live(), t.orphans()),
+        (3, 3),
+        "nothing swept by a failed dump"
+    );
+    // a and c end silently; the dump after sees only b: a and c go, whatever the failed one saw.
+    t.begin_dump();
+    t.on_dump_entry(&b, 2, false);
+    assert_eq!(t.end_dump(), 2);
+    assert_eq!((t.live(), t.orphans()), (1, 1));
+    // And a failed dump right after a good one changes nothing either.
+    t.begin_dump();
+    t.on_dump_entry(&b, 3, false);
+    assert_eq!(t.end_dump(), 0);
+    t.begin_dump();
+    t.abort_dump();
+    t.begin_dump();
+    t.on_dump_entry(&b, 4, false);
+    assert_eq!(t.end_dump(), 0);
+    assert_eq!(t.live(), 1);
+}
