@@ -430,7 +430,8 @@ kernel_counts() {
 }
 wait_for 5 "nf_conntrack_count 7 in ctw-named and 4 in the held namespace" kernel_counts
 wait_for 20 "ctctl netns to list ctw-named ($id_named) with its nf_conntrack_count, 7" netns_has "$id_named" 7 ctw-named
-wait_for 20 "ctctl netns to list the namespace only sleep holds ($id_held), unnamed, with its nf_conntrack_count, 4" netns_has "$id_held" 4
+# Its ip netns name gone, it is named by what lives in it: the transient unit sleep runs in.
+wait_for 20 "ctctl netns to list the namespace only sleep holds ($id_held), named by its unit ctw-held.service, with its nf_conntrack_count, 4" netns_has "$id_held" 4 ctw-held.service
 in_root ctctl status >"$WORK/status.txt" || fail "ctctl status with the all-netns drop-in: $(cat "$WORK/status.txt")"
 say "all-netns drop-in: ctw-named ($id_named) and a namespace only sleep holds ($id_held) followed with the kernel's counts (7 and 4)"
 
