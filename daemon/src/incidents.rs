@@ -263,7 +263,6 @@ impl Engine {
         }
     }
 
-    /// The open incidents as they are now (the store may be a few seconds behind).
     /// Whether every kind of incident is open already (then no signal opens a new one).
     pub fn all_open(&self) -> bool {
         self.open.iter().all(|o| o.is_some())
@@ -274,6 +273,7 @@ impl Engine {
         self.open[TABLE_FULL].is_some()
     }
 
+    /// The open incidents as they are now (the store may be a few seconds behind).
     pub fn open_incidents(&self) -> Vec<Incident> {
         self.open.iter().flatten().map(|o| o.inc.clone()).collect()
     }

@@ -313,7 +313,11 @@ impl Monitor {
         let until = since + FRESH_WAIT;
         loop {
             let snap = self.snapshots.load_full();
-            if snap.caught_up >= since || Instant::now() >= until {
+            // Behind a flood, the newest picture after `since` is the best there will be.
+            if snap.caught_up >= since
+                || (snap.behind && snap.taken >= since)
+                || Instant::now() >= until
+            {
                 return snap;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -341,7 +345,8 @@ impl Monitor {
                     self.poll();
                     // Only a line that may open an incident waits for a fresher picture: the
                     // lines of an incident already open are counted at once.
-                    let snap = if self.engine.table_full_open() {
+                    let opens = matches!(ev.kind, ctwatch_parse::kmsg::KmsgKind::TableFull { .. });
+                    let snap = if !opens || self.engine.table_full_open() {
                         self.snapshots.load_full()
                     } else {
                         self.fresh_snapshot(arrived)

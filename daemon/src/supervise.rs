@@ -143,7 +143,6 @@ impl Health {
             .remove(part);
     }
 
-    /// `part: why`, one per degraded part.
     /// What `degraded` says, and the history store when it is not kept (the writer owns that
     /// state; it is reported here so that status, metrics and alerts see it the same way).
     pub fn degraded_with(&self, history: Option<&crate::history::HistoryHandle>) -> Vec<String> {
@@ -154,6 +153,7 @@ impl Health {
         d
     }
 
+    /// `part: why`, one per degraded part.
     pub fn degraded(&self) -> Vec<String> {
         self.degraded
             .lock()

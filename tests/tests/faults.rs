@@ -117,7 +117,7 @@ fn a_read_only_or_full_disk_at_open_never_moves_the_store_aside() {
             .contains("read-only"),
         "{s}"
     );
-    // Degraded, as status and the metrics endpoint say it (the alert fires on it).
+    // Degraded, in status (the metrics endpoint renders the same list as ctwatch_degraded).
     assert!(
         s["health"]["degraded"]
             .as_array()

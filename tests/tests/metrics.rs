@@ -151,7 +151,7 @@ fn prometheus_answers_equal_ctctl_on_a_quiet_table_and_the_drop_alert_names_the_
         std::thread::sleep(Duration::from_millis(500));
         send(65);
     }
-    // The daemon polls the kernel's counters once a second: wait for the rise, then compare
+    // The daemon polls the kernel's counters (every 100 ms): wait for the rise, then compare
     // (both answers agree on the old value too, until the poll).
     wait_for(
         "the kernel's drop counter to rise in ctctl status",

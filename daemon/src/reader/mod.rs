@@ -149,6 +149,7 @@ impl Publisher {
         next.seq = self.seq;
         next.taken = Instant::now();
         next.caught_up = meta.caught_up;
+        next.behind = meta.behind || meta.dumping.is_some();
         next.unix = unix_now();
         let c = tracker.counters;
         next.figures = ReaderFigures {
@@ -405,7 +406,11 @@ impl Reader {
     /// Drains the event socket for up to BATCHES_PER_TURN batches. Returns datagrams read.
     fn drain_events(&mut self) -> usize {
         let mut total = 0;
+        // Whether the socket ran dry this turn; else the reader is behind the kernel.
+        let mut dry = false;
         for _ in 0..BATCHES_PER_TURN {
+            // Before the receive: what is queued after it may not be in this batch.
+            let asked = Instant::now();
             match self.events.recv_batch() {
                 Ok(Recv::Batch(n)) => {
                     let now = self.now_secs();
@@ -427,21 +432,25 @@ impl Reader {
                     total += n;
                     if n < crate::conntrack::socket::BATCH {
                         // A short batch: the socket ran dry.
-                        self.meta.caught_up = Instant::now();
+                        self.meta.caught_up = asked;
+                        dry = true;
                         break;
                     }
                 }
                 Ok(Recv::Empty) => {
-                    self.meta.caught_up = Instant::now();
+                    self.meta.caught_up = asked;
+                    dry = true;
                     break;
                 }
                 Ok(Recv::Overrun) => self.on_overrun(),
                 Err(e) => {
                     warn!(error = %e, "event socket receive failed");
+                    dry = true;
                     break;
                 }
             }
         }
+        self.meta.behind = !dry;
         total
     }
 

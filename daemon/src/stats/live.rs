@@ -77,8 +77,12 @@ impl MKey {
 }
 
 impl std::hash::Hash for MKey {
+    /// The bucket (low bits) from the check, a hash of the tuple; the tag (top bits) from the
+    /// check and the id: uniform even where the kernel's ids are not (before Linux 5.0 they
+    /// were addresses).
     fn hash<H: Hasher>(&self, h: &mut H) {
-        h.write_u64(self.get())
+        let [id, check] = self.0.map(u64::from);
+        h.write_u64(((check ^ id) << 32) | check)
     }
 }
 

@@ -130,6 +130,9 @@ pub struct Snapshot {
     /// The last time before `taken` the reader found its event socket empty: every event the
     /// kernel queued before then is in this picture.
     pub caught_up: Instant,
+    /// The reader ended its last turn with events still queued (a flood, or a dump running):
+    /// waiting for `caught_up` to move would wait in vain.
+    pub behind: bool,
     /// Wall clock at `taken`, Unix seconds.
     pub unix: u64,
     pub figures: ReaderFigures,
@@ -162,6 +165,7 @@ impl Default for Snapshot {
             seq: 0,
             taken: Instant::now(),
             caught_up: Instant::now(),
+            behind: false,
             unix: 0,
             figures: ReaderFigures::default(),
             live: 0,
@@ -312,7 +316,9 @@ impl<K: Copy + Ord + Hash> DimSnap<K> {
         let then: HashMap<K, u32> = earlier.rows.iter().map(|r| (r.key, r.new)).collect();
         top_n(
             self.rows.iter().filter_map(|r| {
-                let d = r.new.wrapping_sub(then.get(&r.key).copied().unwrap_or(0));
+                // A key whose slot was freed (no live entry) and taken again counts from 0.
+                let t = then.get(&r.key).copied().unwrap_or(0);
+                let d = if r.new >= t { r.new - t } else { r.new };
                 (d > 0).then_some((r.key, d, r.live as u64))
             }),
             n,
@@ -351,6 +357,7 @@ impl Snapshot {
             seq: self.seq,
             taken: self.taken,
             caught_up: self.caught_up,
+            behind: self.behind,
             unix: self.unix,
             live: self.live,
             bucket_start: self.bucket_start,
@@ -568,7 +575,7 @@ impl Snapshot {
                 let secs = self.unix.saturating_sub(self.bucket_start).max(1) as f64;
                 let rows = self.top_by_new(by, n, secs, count);
                 match earlier {
-                    Some(e) if rows.is_empty() && !span(e).is_zero() => e,
+                    Some(e) if rows.is_empty() && span(e) >= Duration::from_millis(100) => e,
                     _ => return rows,
                 }
             }

@@ -474,3 +474,54 @@ fn a_failed_dump_marks_nothing_for_the_next_one() {
     assert_eq!(t.end_dump(), 0);
     assert_eq!(t.live(), 1);
 }
+
+/// Creation rates between two pictures: over the span between them; a key whose slot was
+/// freed and taken again counts from 0, not from a wrapped difference; a span too short for
+/// a rate falls back to the open bucket, and, when the bucket has just turned over, to any
+/// earlier picture a publication old or more.
+#[test]
+fn rates_are_taken_over_the_span_and_survive_a_freed_key() {
+    use std::time::Duration;
+    let dns = |id: u32, sport: u16| conn(id, 17, [10, 0, 0, 1], sport, [10, 0, 0, 53], 53);
+    let web = |id: u32, sport: u16| conn(id, 6, [10, 0, 0, 1], sport, [10, 0, 0, 80], 80);
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    for i in 0..50 {
+        t.on_new(&dns(i, 1000 + i as u16), 0);
+    }
+    t.on_new(&web(100, 2000), 0);
+    let mut then = t.snapshot();
+    // Every DNS entry ends (its slot is freed), then 3 new ones and 20 to the web service.
+    for i in 0..50 {
+        t.on_destroy(&dns(i, 1000 + i as u16), 0);
+    }
+    for i in 0..3 {
+        t.on_new(&dns(200 + i, 3000 + i as u16), 1);
+    }
+    for i in 0..20 {
+        t.on_new(&web(300 + i, 4000 + i as u16), 1);
+    }
+    let mut now = t.snapshot();
+    now.taken = then.taken + Duration::from_secs(2);
+    let rates = |now: &Snapshot, then: &Snapshot| -> Vec<(Option<u16>, f64)> {
+        now.top_by_rate(Some(then), Dimension::Service, 10, now.live)
+            .iter()
+            .map(|e| (e.dport, e.new_per_sec.unwrap()))
+            .collect()
+    };
+    assert_eq!(rates(&now, &then), vec![(Some(80), 10.0), (Some(53), 1.5)]);
+    // 150 ms apart: too short; the open bucket's creations instead (53 DNS, 21 web).
+    now.taken = then.taken + Duration::from_millis(150);
+    let r = rates(&now, &then);
+    assert_eq!(
+        r.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [Some(53), Some(80)]
+    );
+    // The bucket has just turned over (no creations in it): the earlier picture after all.
+    t.close_bucket(100);
+    let mut turned = t.snapshot();
+    turned.taken = then.taken + Duration::from_millis(150);
+    assert_eq!(rates(&turned, &then).len(), 2);
+    // Not when the earlier picture is the same publication, give or take a few ms.
+    then.taken = turned.taken - Duration::from_millis(5);
+    assert!(rates(&turned, &then).is_empty());
+}
