@@ -509,12 +509,16 @@ pub fn other_caps(c: Caps) -> Caps {
 }
 
 /// An error and its causes, `what failed: why (os error N)`, for the journal and `ctctl netns`.
+/// An error with its causes, each once: a cause the message already quotes is not repeated.
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cause = c.source();
     }
     s
@@ -853,6 +857,32 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Quoting(std::io::Error);
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "malformed reply to a dump: {}", self.0)
+        }
+    }
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A cause is named once: not again when the message quotes it already.
+    #[test]
+    fn causes_are_named_once() {
+        let e = Quoting(std::io::Error::other("truncated"));
+        assert_eq!(with_causes(&e), "malformed reply to a dump: truncated");
+        let io = std::io::Error::other(Quoting(std::io::Error::other("short")));
+        assert_eq!(
+            with_causes(&io),
+            "malformed reply to a dump: short",
+            "io::Error's Display is its inner error's"
+        );
+    }
 
     /// Regression: a namespace the daemon could not enter ended its reader thread before it
     /// was marked retired, which tripped the daemon's fatal path: under the all-netns drop-in
