@@ -579,25 +579,33 @@ fn dns_load(ns: &Netns, n: u64, deadline: Duration) {
 }
 
 /// `--all-netns` with many namespaces: the daemon's idle CPU and memory with `n` quiet
-/// namespaces followed, and a one-sender flood in one of them (events lost, the others' counts
-/// untouched).
+/// namespaces followed, a scrape of `/metrics` showing them all (its render time, the median
+/// of three scrapes a cache period apart, and its series), and a one-sender flood in one of
+/// them (events lost, the others' counts untouched).
 fn netns_rows(a: &Args) -> Result<Vec<String>> {
+    use ctwatch_tests::support::http_get;
+    const ADDR: &str = "127.0.0.1:9614";
     let mut out = vec![format!(
-        "{:<34} {:>10} {:>9} {:>8} {:>10} {:>9} {:>9}",
+        "{:<34} {:>10} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9} {:>9}",
         "namespaces followed",
         "follow all",
         "RSS MiB",
         "threads",
         "idle CPU %",
+        "scrape ms",
+        "series",
         "flood NEW",
         "lost"
     )];
     for n in [10usize, 100] {
         let spaces: Vec<Netns> = (0..n).map(|_| Netns::for_load()).collect();
+        let own = Netns::new();
         let d = Daemon::start(
-            &Netns::new(),
+            &own,
             DaemonOpts {
                 all_netns: true,
+                inside: true,
+                config: format!("[metrics]\nlisten = \"{ADDR}\"\n"),
                 ..Default::default()
             },
         );
@@ -638,6 +646,25 @@ fn netns_rows(a: &Args) -> Result<Vec<String>> {
         std::thread::sleep(Duration::from_secs(5));
         let c1 = cpu_secs(d.pid());
         let idle = ((c1.0 + c1.1) - (c0.0 + c0.1)) * 100.0 / w.elapsed().as_secs_f64();
+        let mut scrapes = Vec::new();
+        let mut series = 0;
+        for _ in 0..3 {
+            // Past the render cache (1 s), so each scrape renders.
+            std::thread::sleep(Duration::from_millis(1100));
+            let t = Instant::now();
+            if let Ok(r) = http_get(&own, ADDR, "/metrics", &[]) {
+                scrapes.push(t.elapsed().as_secs_f64() * 1000.0);
+                series = r
+                    .text()
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.is_empty())
+                    .count();
+            }
+        }
+        scrapes.sort_by(f64::total_cmp);
+        let scrape = scrapes
+            .get(scrapes.len() / 2)
+            .map_or("failed".to_string(), |m| format!("{m:.1}"));
         let target = &spaces[0];
         let before = d.json(&["status"]);
         let sent = load::udp_new_flood(
@@ -664,12 +691,14 @@ fn netns_rows(a: &Args) -> Result<Vec<String>> {
         }
         let _ = before;
         out.push(format!(
-            "{:<34} {:>8.1} s {:>9} {:>8} {:>10.2} {:>9} {:>9}",
+            "{:<34} {:>8.1} s {:>9} {:>8} {:>10.2} {:>10} {:>8} {:>9} {:>9}",
             format!("{n} (+ the machine's own)"),
             follow.as_secs_f64(),
             rss,
             threads,
             idle,
+            scrape,
+            series,
             sent,
             lost
         ));

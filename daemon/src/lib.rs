@@ -253,6 +253,7 @@ pub async fn run(
                     health: health.clone(),
                     dns: config.reader.dns,
                     clients: clients.clone(),
+                    node: config.all_netns.then(|| node.clone()),
                     start_unix: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs_f64())

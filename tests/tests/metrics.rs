@@ -16,6 +16,9 @@ use ctwatch_tests::support::*;
 use serde_json::Value;
 
 static MAX_LOCK: Mutex<()> = Mutex::new(());
+/// The flood test, which measures loss on 2 vCPUs, runs alone: the others share this lock,
+/// it takes it exclusively.
+static SOLO: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 const ADDR: &str = "127.0.0.1:9612";
 
@@ -70,6 +73,7 @@ fn run(cmd: &mut Command) -> std::process::Output {
 
 #[test]
 fn prometheus_answers_equal_ctctl_on_a_quiet_table_and_the_drop_alert_names_the_service() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let _lock = MAX_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::new();
     ns.sysctl("net.netfilter.nf_conntrack_udp_timeout", "600");
@@ -209,6 +213,7 @@ fn prometheus_answers_equal_ctctl_on_a_quiet_table_and_the_drop_alert_names_the_
 
 #[test]
 fn promtool_check_metrics_is_clean_on_a_real_scrape() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::new();
     // A DNAT'd service, so that backend series are in the scrape too.
     ns.nft("table ip ctw_nat {\n chain out {\n  type nat hook output priority -100;\n  udp dport 7000 dnat to 127.0.0.1:7001\n }\n}\n");
@@ -298,6 +303,7 @@ fn promtool_check_metrics_is_clean_on_a_real_scrape() {
 
 #[test]
 fn a_scan_of_50000_services_keeps_the_series_within_the_cap() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::for_load();
     let d = metrics_daemon(&ns, "top_k = 20\n");
     let sent = load::udp_new_flood(&ns.path(), 1, 50_000, Duration::from_secs(60));
@@ -371,6 +377,7 @@ fn status_of(out: &[u8]) -> u16 {
 
 #[test]
 fn the_endpoint_holds_its_bounds() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::new();
     let token_dir = TempDir::new("token");
     let token = token_dir.path().join("token");
@@ -542,6 +549,7 @@ fn the_endpoint_holds_its_bounds() {
 
 #[test]
 fn the_daemon_refuses_to_start_on_a_bad_metrics_address_or_token() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("badmetrics");
     let out = run(Command::new(target_bin("ctwatchd")).args([
         "--metrics-listen",
@@ -590,6 +598,7 @@ fn anchor(heading: &str) -> String {
 
 #[test]
 fn the_rules_check_and_pass_their_tests_and_every_runbook_is_a_readme_section() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let rules = repo().join("packaging/ctwatch.rules.yml");
     let out = run(Command::new(which("promtool"))
         .arg("check")
@@ -685,6 +694,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[test]
 fn the_dashboard_and_the_rules_name_only_exported_metrics() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let exported: BTreeSet<&str> = ctwatchd::metrics::FAMILIES.iter().map(|f| f.name).collect();
     let mut exprs = dashboard_exprs();
     let text = std::fs::read_to_string(repo().join("packaging/ctwatch-dashboard.json")).unwrap();
@@ -722,6 +732,7 @@ fn the_dashboard_and_the_rules_name_only_exported_metrics() {
 
 #[test]
 fn the_daemonset_validates_against_the_kubernetes_schema() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let manifest = repo().join("packaging/ctwatchd-daemonset.yaml");
     let validate = which("kubernetes-validate");
     for version in ["1.29.0", "1.33.0"] {
@@ -817,6 +828,7 @@ fn exposure(dropin: Option<&Path>) -> f64 {
 
 #[test]
 fn the_systemd_drop_in_verifies_and_adds_only_ip_sockets() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     let dropin = repo().join("packaging/ctwatchd-metrics.conf");
     let text = std::fs::read_to_string(&dropin).unwrap();
     for line in [
@@ -862,6 +874,7 @@ fn the_systemd_drop_in_verifies_and_adds_only_ip_sockets() {
 
 #[test]
 fn the_listen_address_is_the_one_bound() {
+    let _solo = SOLO.read().unwrap_or_else(|e| e.into_inner());
     // Bound to 127.0.0.1: reachable there, not on another loopback address.
     let ns = Netns::new();
     let _d = metrics_daemon(&ns, "");
@@ -877,6 +890,7 @@ fn the_listen_address_is_the_one_bound() {
 /// Scrapes are clients too: scraping every 100 ms during a one-sender flood costs no event.
 #[test]
 fn scraping_every_100_ms_during_a_flood_loses_no_event() {
+    let _solo = SOLO.write().unwrap_or_else(|e| e.into_inner());
     const N: u64 = 150_000;
     let ns = Netns::for_load();
     let d = metrics_daemon(&ns, "");

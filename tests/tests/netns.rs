@@ -471,3 +471,104 @@ fn status_says_when_nothing_was_ever_tracked() {
     });
     assert!(!d.ctctl(&["status"]).contains("nothing tracked"));
 }
+
+/// With `--all-netns`, the metrics endpoint shows every namespace followed: each
+/// per-namespace series once per namespace with its `netns` label (the inode), equal to that
+/// namespace's `nf_conntrack_count`; its services under its label; its name in
+/// `ctwatch_netns_info`; and no per-namespace series without the label.
+#[test]
+fn metrics_carry_each_namespace_with_all_netns() {
+    const ADDR: &str = "127.0.0.1:9613";
+    let a = Netns::new();
+    let b = Netns::new();
+    flows_in(&a.path(), 5401, 6);
+    flows_in(&b.path(), 5402, 11);
+    let own = Netns::new();
+    let d = Daemon::start(
+        &own,
+        DaemonOpts {
+            all_netns: true,
+            inside: true,
+            config: format!("[metrics]\nlisten = \"{ADDR}\"\n"),
+            ..Default::default()
+        },
+    );
+    let (ia, ib) = (inode(&a.path()), inode(&b.path()));
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    // By hand rather than wait_for: a timeout shows what the last scrape said.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let t = match http_get(&own, ADDR, "/metrics", &[]) {
+            Ok(r) => r.text(),
+            Err(e) => format!("scrape failed: {e}"),
+        };
+        let ok = [(ia, &a, 6.0), (ib, &b, 11.0)].iter().all(|(id, ns, n)| {
+            let series = format!("ctwatch_conntrack_entries{{netns=\"{id}\"}}");
+            value(&t, &series) == Some(*n) && ns.conntrack_count() as f64 == *n
+        });
+        if ok {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape with {ia} at 6 and {ib} at 11 entries (kernel: {} and {}) in 15 s; the last: {}",
+            a.conntrack_count(),
+            b.conntrack_count(),
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .take(12)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let svc = |id: u64, port: u16| {
+        format!(
+            "ctwatch_service_entries{{netns=\"{id}\",proto=\"udp\",dst=\"127.0.0.1\",dport=\"{port}\"}}"
+        )
+    };
+    assert_eq!(value(&text, &svc(ia, 5401)), Some(6.0), "{text}");
+    assert_eq!(value(&text, &svc(ib, 5402)), Some(11.0), "{text}");
+    assert_eq!(
+        value(&text, &svc(ia, 5402)),
+        None,
+        "a's series hold a's keys only"
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("ctwatch_netns_info{{netns=\"{ia}\",name=\"{}\"}}", a.name)
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let own_id = d.json(&["status"])["netns_id"].as_u64().unwrap();
+    assert!(
+        value(
+            &text,
+            &format!("ctwatch_conntrack_entries_limit{{netns=\"{own_id}\"}}")
+        )
+        .is_some(),
+        "the daemon's own namespace is shown too: {text}"
+    );
+    for family in [
+        "ctwatch_conntrack_entries",
+        "ctwatch_conntrack_drop_total",
+        "ctwatch_events_lost_total",
+        "ctwatch_service_entries",
+        "ctwatch_incidents_open",
+    ] {
+        for l in text.lines().filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|r| r.starts_with(['{', ' ']))
+        }) {
+            assert!(
+                l.contains("netns=\""),
+                "a {family} series without netns: {l}"
+            );
+        }
+    }
+}

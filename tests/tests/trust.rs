@@ -78,10 +78,16 @@ fn a_flood_loses_no_event_alone_or_while_every_client_asks_at_the_cap() {
         let sent = load::udp_new_flood(&ns.path(), 1, N, Duration::from_secs(30));
         assert!(sent >= N * 9 / 10, "the flood sent only {sent}");
         let kernel = ns.conntrack_count();
-        let s = wait_for("live to equal the kernel", Duration::from_secs(10), || {
-            let s = probe.status();
-            (s["live"].as_u64() == Some(kernel)).then_some(s)
-        });
+        // The count is the kernel's as last polled (every 100 ms): wait for both.
+        let s = wait_for(
+            "live and count to equal the kernel",
+            Duration::from_secs(10),
+            || {
+                let s = probe.status();
+                (s["live"].as_u64() == Some(kernel) && s["count"].as_u64() == Some(kernel))
+                    .then_some(s)
+            },
+        );
         stop.store(true, Ordering::Relaxed);
         let worst_age = stale.join().unwrap();
         let clients = hammer.map(|h| h.stop());

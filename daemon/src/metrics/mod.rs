@@ -102,14 +102,73 @@ pub struct Sources {
     pub clients: Arc<crate::server::ClientCounters>,
     /// Wall-clock start of the daemon, Unix seconds.
     pub start_unix: f64,
+    /// With `--all-netns`: the node, whose every namespace followed is shown, each with its
+    /// `netns` label. `None`: the daemon's own namespace alone, with no `netns` label.
+    pub node: Option<Arc<crate::node::Node>>,
+}
+
+/// What one namespace's part of a render is read from, taken once per render.
+struct Taken {
+    netns: String,
+    name: String,
+    snap: Arc<crate::stats::Snapshot>,
+    kernel: Arc<crate::monitor::KernelView>,
+    open: Arc<Vec<ctwatch_proto::Incident>>,
+    opened: [u64; 2],
 }
 
 impl Sources {
     fn render(&self, r: &mut Renderer) -> Rendered {
         use std::sync::atomic::Ordering::Relaxed;
-        let snap = self.reader.snapshot();
-        let kernel = self.kernel.view();
-        let open = self.monitor.open.load_full();
+        let take = |netns: String,
+                    name: Option<String>,
+                    reader: &reader::Handle,
+                    kernel: &Kernel,
+                    monitor: &MonitorHandle| Taken {
+            netns,
+            name: name.unwrap_or_default(),
+            snap: reader.snapshot(),
+            kernel: kernel.view(),
+            open: monitor.open.load_full(),
+            opened: [
+                monitor.opened[0].load(Relaxed),
+                monitor.opened[1].load(Relaxed),
+            ],
+        };
+        let taken: Vec<Taken> = match &self.node {
+            Some(node) => node
+                .units()
+                .iter()
+                .map(|n| take(n.id.to_string(), n.name(), &n.reader, &n.kernel, &n.monitor))
+                .collect(),
+            None => vec![take(
+                String::new(),
+                None,
+                &self.reader,
+                &self.kernel,
+                &self.monitor,
+            )],
+        };
+        let units = taken
+            .iter()
+            .map(|t| render::Unit {
+                netns: t.netns.clone(),
+                name: t.name.clone(),
+                snap: &t.snap,
+                kernel: &t.kernel,
+                open: &t.open,
+                opened: t.opened,
+                dns: self.dns.then(|| {
+                    let d = &t.snap.dns;
+                    [
+                        d.answered,
+                        d.unanswered,
+                        d.late_answered,
+                        t.snap.dns_pending,
+                    ]
+                }),
+            })
+            .collect();
         let history = self.history.as_ref().map(|h| {
             let s = h.stats();
             render::HistoryFigures {
@@ -119,10 +178,6 @@ impl Sources {
                 deleted_for_cap: s.deleted_for_cap,
                 corrupt_blobs: s.corrupt_blobs,
             }
-        });
-        let dns = self.dns.then(|| {
-            let d = &snap.dns;
-            [d.answered, d.unanswered, d.late_answered, snap.dns_pending]
         });
         let c = &self.clients;
         let socket = [
@@ -136,15 +191,8 @@ impl Sources {
             .as_ref()
             .map(|k| (k.gaps.load(Relaxed), k.matched.load(Relaxed)));
         r.render(&render::Input {
-            snap: &snap,
-            kernel: &kernel,
-            open: &open,
-            opened: [
-                self.monitor.opened[0].load(Relaxed),
-                self.monitor.opened[1].load(Relaxed),
-            ],
+            units,
             history,
-            dns,
             socket: Some(socket),
             kmsg,
             degraded: self.health.degraded_with(self.history.as_ref()),

@@ -17,9 +17,12 @@
 //!   reset, which is what it is. The `other` series is kept monotonic here: each render adds
 //!   to it the entries created since the previous render under keys not shown in both, so
 //!   `sum(rate(...))` over a dimension's series is its creation rate, whatever the ranking did.
-//! - **No `netns` label** in single-namespace mode; a later `--all-netns` mode adds one to
-//!   every per-namespace series, and the shipped rules and dashboard aggregate with `by`/
-//!   `without` clauses that hold either way.
+//! - **No `netns` label** in single-namespace mode. With `--all-netns` every per-namespace
+//!   series (the table, the kernel's counters, the daemon's events and dumps, the keyed
+//!   dimensions, incidents) carries `netns="<inode>"`, the number the kernel log prints, for
+//!   each namespace followed; `ctwatch_netns_info{netns,name}` gives its name. The daemon's own
+//!   figures (history, clients, kernel log, process) have no `netns` label in either mode. The
+//!   shipped rules and dashboard aggregate with `by`/`without` clauses that hold either way.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -274,6 +277,10 @@ const INCIDENTS_OPEN: Family = gauge(
     "ctwatch_incidents_open",
     "Incidents open now, by kind; an open one carries its top service (\"udp 10.96.0.10:53\") in the label top_service.",
 );
+const NETNS_INFO: Family = gauge(
+    "ctwatch_netns_info",
+    "A network namespace followed, with its name (ctctl netns: name) in the label name; always 1.",
+);
 const DEGRADED: Family = gauge(
     "ctwatch_degraded",
     "Parts of the daemon that do not work now (1 per part, e.g. part=\"kernel log\"); none when healthy.",
@@ -347,6 +354,7 @@ pub const FAMILIES: &[Family] = &[
     FOLDED_KEYS,
     INCIDENTS,
     INCIDENTS_OPEN,
+    NETNS_INFO,
     DEGRADED,
     BUILD_INFO,
     START_TIME,
@@ -363,21 +371,32 @@ const DIMS: [(Dimension, Family, Family); 3] = [
 
 /// Everything one render reads, gathered once.
 pub struct Input<'a> {
-    pub snap: &'a Snapshot,
-    pub kernel: &'a KernelView,
-    pub open: &'a [Incident],
-    /// Incidents opened since start, by `incidents::Kind as usize`.
-    pub opened: [u64; 2],
+    /// The namespaces shown: the daemon's own, and with `--all-netns` every one followed.
+    pub units: Vec<Unit<'a>>,
     /// History writer's figures (`None`: history off).
     pub history: Option<HistoryFigures>,
-    /// DNS queries: answered, unanswered, answered late, pending (`None`: `[dns]` off).
-    pub dns: Option<[u64; 4]>,
     /// The socket: connections open, refused busy, denied, watchers dropped.
     pub socket: Option<[u64; 4]>,
     /// Kernel-log watcher: gaps, conntrack lines (`None`: off).
     pub kmsg: Option<(u64, u64)>,
     pub degraded: Vec<String>,
     pub process: Process,
+}
+
+/// One namespace's part of a render.
+pub struct Unit<'a> {
+    /// The `netns` label: the namespace's inode number with `--all-netns`, empty (no label)
+    /// in single-namespace mode.
+    pub netns: String,
+    /// Its name, as `ctctl netns` gives it (empty: none known).
+    pub name: String,
+    pub snap: &'a Snapshot,
+    pub kernel: &'a KernelView,
+    pub open: &'a [Incident],
+    /// Incidents opened since start, by `incidents::Kind as usize`.
+    pub opened: [u64; 2],
+    /// DNS queries: answered, unanswered, answered late, pending (`None`: `[dns]` off).
+    pub dns: Option<[u64; 4]>,
 }
 
 /// The history writer's figures a render shows.
@@ -569,10 +588,11 @@ impl OtherCounter {
     }
 }
 
-/// Renders scrapes; keeps the `other` counters monotonic across renders.
+/// Renders scrapes; keeps the `other` counters monotonic across renders (per namespace: a
+/// namespace no longer shown forgets its own).
 pub struct Renderer {
     top_k: usize,
-    other: [OtherCounter; 3],
+    other: HashMap<String, [OtherCounter; 3]>,
 }
 
 /// The `top_k` keys of a dimension by live entries (ties: smaller key first, as `ctctl top`),
@@ -602,54 +622,89 @@ impl Renderer {
     pub fn new(top_k: usize) -> Renderer {
         Renderer {
             top_k: top_k.max(1),
-            other: Default::default(),
+            other: HashMap::new(),
         }
     }
 
     pub fn render(&mut self, i: &Input) -> Rendered {
         let mut o = Out::new();
-        let k = i.kernel;
-        let s = i.snap;
-        o.one(ENTRIES, Val::U(k.stats.entries));
-        o.one(LIMIT, Val::U(k.stats.max));
-        o.one(BUCKETS, Val::U(k.buckets));
-        if let Some(obj) = k.object_size {
-            o.one(MEMORY, Val::U(obj.saturating_mul(k.stats.entries)));
-            o.one(MEMORY_LIMIT, Val::U(obj.saturating_mul(k.stats.max)));
+        let units = &i.units;
+        // One family, a sample per namespace (`v` None: that namespace has none).
+        let per = |o: &mut Out, f: Family, v: &dyn Fn(&Unit) -> Option<Val>| {
+            let vals: Vec<(&str, Val)> = units
+                .iter()
+                .filter_map(|u| v(u).map(|x| (u.netns.as_str(), x)))
+                .collect();
+            if vals.is_empty() {
+                return;
+            }
+            o.family(f);
+            for (ns, x) in vals {
+                o.sample(&[("netns", ns)], x);
+            }
+        };
+        per(&mut o, ENTRIES, &|u| Some(Val::U(u.kernel.stats.entries)));
+        per(&mut o, LIMIT, &|u| Some(Val::U(u.kernel.stats.max)));
+        per(&mut o, BUCKETS, &|u| Some(Val::U(u.kernel.buckets)));
+        per(&mut o, MEMORY, &|u| {
+            let k = u.kernel;
+            k.object_size
+                .map(|obj| Val::U(obj.saturating_mul(k.stats.entries)))
+        });
+        per(&mut o, MEMORY_LIMIT, &|u| {
+            let k = u.kernel;
+            k.object_size
+                .map(|obj| Val::U(obj.saturating_mul(k.stats.max)))
+        });
+        type Counter = fn(&KernelCounters) -> u64;
+        let counters: [(Family, Counter); 10] = [
+            (FOUND, |c| c.found),
+            (INVALID, |c| c.invalid),
+            (INSERT, |c| c.insert),
+            (INSERT_FAILED, |c| c.insert_failed),
+            (DROP, |c| c.drop),
+            (EARLY_DROP, |c| c.early_drop),
+            (ERROR, |c| c.error),
+            (SEARCH_RESTART, |c| c.search_restart),
+            (CLASH_RESOLVE, |c| c.clash_resolve),
+            (CHAINTOOLONG, |c| c.chaintoolong),
+        ];
+        for (f, get) in counters {
+            per(&mut o, f, &|u| Some(Val::U(get(&u.kernel.stats.counters))));
         }
-        let c: KernelCounters = k.stats.counters;
-        for (f, v) in [
-            (FOUND, c.found),
-            (INVALID, c.invalid),
-            (INSERT, c.insert),
-            (INSERT_FAILED, c.insert_failed),
-            (DROP, c.drop),
-            (EARLY_DROP, c.early_drop),
-            (ERROR, c.error),
-            (SEARCH_RESTART, c.search_restart),
-            (CLASH_RESOLVE, c.clash_resolve),
-            (CHAINTOOLONG, c.chaintoolong),
-        ] {
-            o.one(f, Val::U(v));
-        }
-        let fig = &s.figures;
         o.family(EVENTS);
-        o.sample(&[("type", "new")], Val::U(fig.new));
-        o.sample(&[("type", "destroy")], Val::U(fig.destroy));
-        o.one(LOST, Val::U(fig.lost));
-        o.one(OVERRUNS, Val::U(fig.overruns));
-        o.one(DECODE_ERRORS, Val::U(fig.decode_errors));
-        o.one(FORGED, Val::U(fig.forged));
-        o.one(RESYNCS, Val::U(fig.resyncs));
-        o.one(RECONCILES, Val::U(fig.reconciles));
-        o.one(DUMP_FAILURES, Val::U(fig.dump_failures));
-        if let Some(d) = s.last_dump {
-            o.one(LAST_DUMP_SECONDS, Val::F(d.took.as_secs_f64()));
-            o.one(LAST_DUMP_ENTRIES, Val::U(d.entries));
+        for u in units {
+            let fig = &u.snap.figures;
+            o.sample(&[("netns", &u.netns), ("type", "new")], Val::U(fig.new));
+            o.sample(
+                &[("netns", &u.netns), ("type", "destroy")],
+                Val::U(fig.destroy),
+            );
         }
-        o.one(TRACKED, Val::U(s.live));
-        o.one(RCVBUF, Val::U(fig.rcvbuf));
-        o.one(SNAPSHOT_AGE, Val::F(s.age().as_secs_f64()));
+        per(&mut o, LOST, &|u| Some(Val::U(u.snap.figures.lost)));
+        per(&mut o, OVERRUNS, &|u| Some(Val::U(u.snap.figures.overruns)));
+        per(&mut o, DECODE_ERRORS, &|u| {
+            Some(Val::U(u.snap.figures.decode_errors))
+        });
+        per(&mut o, FORGED, &|u| Some(Val::U(u.snap.figures.forged)));
+        per(&mut o, RESYNCS, &|u| Some(Val::U(u.snap.figures.resyncs)));
+        per(&mut o, RECONCILES, &|u| {
+            Some(Val::U(u.snap.figures.reconciles))
+        });
+        per(&mut o, DUMP_FAILURES, &|u| {
+            Some(Val::U(u.snap.figures.dump_failures))
+        });
+        per(&mut o, LAST_DUMP_SECONDS, &|u| {
+            u.snap.last_dump.map(|d| Val::F(d.took.as_secs_f64()))
+        });
+        per(&mut o, LAST_DUMP_ENTRIES, &|u| {
+            u.snap.last_dump.map(|d| Val::U(d.entries))
+        });
+        per(&mut o, TRACKED, &|u| Some(Val::U(u.snap.live)));
+        per(&mut o, RCVBUF, &|u| Some(Val::U(u.snap.figures.rcvbuf)));
+        per(&mut o, SNAPSHOT_AGE, &|u| {
+            Some(Val::F(u.snap.age().as_secs_f64()))
+        });
         if let Some(h) = i.history {
             o.one(HISTORY_WRITTEN, Val::U(h.written));
             o.one(HISTORY_DROPPED, Val::U(h.dropped));
@@ -657,12 +712,21 @@ impl Renderer {
             o.one(HISTORY_DELETED, Val::U(h.deleted_for_cap));
             o.one(HISTORY_CORRUPT, Val::U(h.corrupt_blobs));
         }
-        if let Some([answered, unanswered, late, pending]) = i.dns {
+        if units.iter().any(|u| u.dns.is_some()) {
             o.family(DNS_QUERIES);
-            o.sample(&[("outcome", "answered")], Val::U(answered));
-            o.sample(&[("outcome", "unanswered")], Val::U(unanswered));
-            o.sample(&[("outcome", "late")], Val::U(late));
-            o.one(DNS_PENDING, Val::U(pending));
+            for u in units {
+                let Some([answered, unanswered, late, _]) = u.dns else {
+                    continue;
+                };
+                let ns = u.netns.as_str();
+                o.sample(&[("netns", ns), ("outcome", "answered")], Val::U(answered));
+                o.sample(
+                    &[("netns", ns), ("outcome", "unanswered")],
+                    Val::U(unanswered),
+                );
+                o.sample(&[("netns", ns), ("outcome", "late")], Val::U(late));
+            }
+            per(&mut o, DNS_PENDING, &|u| u.dns.map(|d| Val::U(d[3])));
         }
         if let Some([open, busy, denied, dropped]) = i.socket {
             o.one(CLIENT_CONNECTIONS, Val::U(open));
@@ -676,76 +740,140 @@ impl Renderer {
             o.one(KMSG_LINES, Val::U(lines));
         }
 
+        // The keyed dimensions: each namespace's top-K and its `other`.
+        self.other
+            .retain(|ns, _| units.iter().any(|u| &u.netns == ns));
         let mut keyed_series = [0usize; 3];
-        let mut tracked = [0usize; 3];
-        let mut folded = [0u64; 3];
         for (n, (dim, live_f, new_f)) in DIMS.into_iter().enumerate() {
-            let (shown, rest, created) = match dim {
-                Dimension::Service => {
-                    tracked[n] = s.services.rows.len();
-                    folded[n] = s.services.folded;
-                    let (a, b) = rank(&s.services, self.top_k, |k| FlatKey::from(k));
-                    (a, b, s.services.created)
-                }
-                Dimension::Client => {
-                    tracked[n] = s.clients.rows.len();
-                    folded[n] = s.clients.folded;
-                    let (a, b) = rank(&s.clients, self.top_k, |k| FlatKey::from(k));
-                    (a, b, s.clients.created)
-                }
-                _ => {
-                    tracked[n] = s.backends.rows.len();
-                    folded[n] = s.backends.folded;
-                    let (a, b) = rank(&s.backends, self.top_k, |k| FlatKey::from(k));
-                    (a, b, s.backends.created)
-                }
-            };
-            let other_new = self.other[n].advance(created, &shown);
-            let labels: Vec<Vec<(&'static str, String)>> =
-                shown.iter().map(|(k, _, _)| key_labels(dim, k)).collect();
-            let show_other = rest > 0 || other_new > 0;
-            o.family(live_f);
-            for ((_, live, _), l) in shown.iter().zip(&labels) {
-                o.sample(&borrow(l), Val::U(*live));
+            struct Ranked {
+                shown: Vec<(FlatKey, u64, u32)>,
+                labels: Vec<Vec<(&'static str, String)>>,
+                rest: u64,
+                other_new: u64,
             }
-            if show_other {
-                o.sample(&[("other", "true")], Val::U(rest));
+            let ranked: Vec<Ranked> = units
+                .iter()
+                .map(|u| {
+                    let s = u.snap;
+                    let (shown, rest, created) = match dim {
+                        Dimension::Service => {
+                            let (a, b) = rank(&s.services, self.top_k, |k| FlatKey::from(k));
+                            (a, b, s.services.created)
+                        }
+                        Dimension::Client => {
+                            let (a, b) = rank(&s.clients, self.top_k, |k| FlatKey::from(k));
+                            (a, b, s.clients.created)
+                        }
+                        _ => {
+                            let (a, b) = rank(&s.backends, self.top_k, |k| FlatKey::from(k));
+                            (a, b, s.backends.created)
+                        }
+                    };
+                    let other_new =
+                        self.other.entry(u.netns.clone()).or_default()[n].advance(created, &shown);
+                    let labels = shown
+                        .iter()
+                        .map(|(k, _, _)| {
+                            let mut l = vec![("netns", u.netns.clone())];
+                            l.extend(key_labels(dim, k));
+                            l
+                        })
+                        .collect();
+                    Ranked {
+                        shown,
+                        labels,
+                        rest,
+                        other_new,
+                    }
+                })
+                .collect();
+            let show_other = |r: &Ranked| r.rest > 0 || r.other_new > 0;
+            o.family(live_f);
+            for (u, r) in units.iter().zip(&ranked) {
+                for ((_, live, _), l) in r.shown.iter().zip(&r.labels) {
+                    o.sample(&borrow(l), Val::U(*live));
+                }
+                if show_other(r) {
+                    o.sample(&[("netns", &u.netns), ("other", "true")], Val::U(r.rest));
+                }
             }
             o.family(new_f);
-            for ((_, _, new), l) in shown.iter().zip(&labels) {
-                o.sample(&borrow(l), Val::U(*new as u64));
+            for (u, r) in units.iter().zip(&ranked) {
+                for ((_, _, new), l) in r.shown.iter().zip(&r.labels) {
+                    o.sample(&borrow(l), Val::U(*new as u64));
+                }
+                if show_other(r) {
+                    o.sample(
+                        &[("netns", &u.netns), ("other", "true")],
+                        Val::U(r.other_new),
+                    );
+                }
+                keyed_series[n] += r.shown.len() + usize::from(show_other(r));
             }
-            if show_other {
-                o.sample(&[("other", "true")], Val::U(other_new));
-            }
-            keyed_series[n] = shown.len() + usize::from(show_other);
         }
+        let dim_figures = |s: &Snapshot| -> [(usize, u64); 3] {
+            [
+                (s.services.rows.len(), s.services.folded),
+                (s.clients.rows.len(), s.clients.folded),
+                (s.backends.rows.len(), s.backends.folded),
+            ]
+        };
         o.family(TRACKED_KEYS);
-        for (n, (dim, _, _)) in DIMS.iter().enumerate() {
-            o.sample(&[("dimension", dim_name(*dim))], Val::U(tracked[n] as u64));
+        for u in units {
+            for (n, (dim, _, _)) in DIMS.iter().enumerate() {
+                let (tracked, _) = dim_figures(u.snap)[n];
+                o.sample(
+                    &[("netns", &u.netns), ("dimension", dim_name(*dim))],
+                    Val::U(tracked as u64),
+                );
+            }
         }
         o.family(FOLDED_KEYS);
-        for (n, (dim, _, _)) in DIMS.iter().enumerate() {
-            o.sample(&[("dimension", dim_name(*dim))], Val::U(folded[n]));
+        for u in units {
+            for (n, (dim, _, _)) in DIMS.iter().enumerate() {
+                let (_, folded) = dim_figures(u.snap)[n];
+                o.sample(
+                    &[("netns", &u.netns), ("dimension", dim_name(*dim))],
+                    Val::U(folded),
+                );
+            }
         }
 
         o.family(INCIDENTS);
-        for kind in IncidentKind::ALL {
-            o.sample(&[("kind", kind.as_str())], Val::U(i.opened[kind as usize]));
+        for u in units {
+            for kind in IncidentKind::ALL {
+                o.sample(
+                    &[("netns", &u.netns), ("kind", kind.as_str())],
+                    Val::U(u.opened[kind as usize]),
+                );
+            }
         }
         o.family(INCIDENTS_OPEN);
-        for kind in IncidentKind::ALL {
-            match i.open.iter().find(|x| x.kind == kind.as_str()) {
-                Some(inc) => {
-                    let top = inc
-                        .top_services
-                        .first()
-                        .map(|e| e.service_label())
-                        .unwrap_or_default();
-                    o.sample(&[("kind", kind.as_str()), ("top_service", &top)], Val::U(1));
+        for u in units {
+            for kind in IncidentKind::ALL {
+                match u.open.iter().find(|x| x.kind == kind.as_str()) {
+                    Some(inc) => {
+                        let top = inc
+                            .top_services
+                            .first()
+                            .map(|e| e.service_label())
+                            .unwrap_or_default();
+                        o.sample(
+                            &[
+                                ("netns", &u.netns),
+                                ("kind", kind.as_str()),
+                                ("top_service", &top),
+                            ],
+                            Val::U(1),
+                        );
+                    }
+                    None => o.sample(&[("netns", &u.netns), ("kind", kind.as_str())], Val::U(0)),
                 }
-                None => o.sample(&[("kind", kind.as_str())], Val::U(0)),
             }
+        }
+        o.family(NETNS_INFO);
+        for u in units {
+            o.sample(&[("netns", &u.netns), ("name", &u.name)], Val::U(1));
         }
         o.family(DEGRADED);
         let mut parts: Vec<&str> = i
@@ -835,10 +963,15 @@ mod tests {
 
     fn render(r: &mut Renderer, s: &Snapshot, k: &KernelView, open: &[Incident]) -> Rendered {
         r.render(&Input {
-            snap: s,
-            kernel: k,
-            open,
-            opened: [2, 0],
+            units: vec![Unit {
+                netns: String::new(),
+                name: String::new(),
+                snap: s,
+                kernel: k,
+                open,
+                opened: [2, 0],
+                dns: Some([10, 2, 1, 0]),
+            }],
             history: Some(HistoryFigures {
                 written: 5,
                 dropped: 1,
@@ -846,7 +979,6 @@ mod tests {
                 deleted_for_cap: 0,
                 corrupt_blobs: 0,
             }),
-            dns: Some([10, 2, 1, 0]),
             socket: Some([1, 0, 0, 0]),
             kmsg: Some((0, 3)),
             degraded: vec!["kernel log: /dev/kmsg: EPERM".into()],
@@ -1040,5 +1172,116 @@ mod tests {
         assert!(l.contains(&("zone", "7".into())));
         let l = key_labels(Dimension::Service, &FlatKey::from(&service(53)));
         assert!(!l.iter().any(|(k, _)| *k == "zone"));
+    }
+
+    /// With `--all-netns`: every per-namespace family has one sample per namespace, each with
+    /// its `netns` label, the keyed ones and their `other` too; the daemon's own figures have
+    /// none; the info family names each namespace. Without it, no series has a `netns` label.
+    #[test]
+    fn every_per_namespace_series_carries_its_namespace_with_all_netns() {
+        let mut k1 = KernelView::default();
+        k1.stats.entries = 10;
+        k1.stats.max = 100;
+        let mut k2 = KernelView::default();
+        k2.stats.entries = 90;
+        k2.stats.max = 100;
+        k2.stats.counters.drop = 7;
+        let s1 = snap(&[(53, 7, 9)], 0, 9);
+        let s2 = snap(&[(80, 50, 60), (81, 40, 40)], 5, 105);
+        let unit = |netns: &str, name: &str, s: &'static Snapshot, k: &'static KernelView| Unit {
+            netns: netns.into(),
+            name: name.into(),
+            snap: s,
+            kernel: k,
+            open: &[],
+            opened: [0, 0],
+            dns: None,
+        };
+        let (s1, s2, k1, k2) = (
+            Box::leak(Box::new(s1)),
+            Box::leak(Box::new(s2)),
+            Box::leak(Box::new(k1)),
+            Box::leak(Box::new(k2)),
+        );
+        let input = |units| Input {
+            units,
+            history: None,
+            socket: Some([1, 0, 0, 0]),
+            kmsg: None,
+            degraded: vec![],
+            process: Process {
+                start_unix: 1.7e9,
+                cpu_secs: None,
+                rss_bytes: None,
+            },
+        };
+        let mut r = Renderer::new(1);
+        let t = text(&r.render(&input(vec![
+            unit("4026531840", "", s1, k1),
+            unit("4026532100", "ctw-a", s2, k2),
+        ])));
+        assert_eq!(
+            value(&t, "ctwatch_conntrack_entries{netns=\"4026532100\"}"),
+            Some("90".into())
+        );
+        assert_eq!(
+            value(&t, "ctwatch_conntrack_drop_total{netns=\"4026532100\"}"),
+            Some("7".into())
+        );
+        assert_eq!(
+            value(&t, "ctwatch_conntrack_drop_total{netns=\"4026531840\"}"),
+            Some("0".into())
+        );
+        // Top-1 per namespace, the rest in that namespace's other.
+        assert_eq!(
+            value(
+                &t,
+                "ctwatch_service_entries{netns=\"4026532100\",proto=\"udp\",dst=\"10.96.0.10\",dport=\"80\"}"
+            ),
+            Some("50".into())
+        );
+        assert_eq!(
+            value(
+                &t,
+                "ctwatch_service_entries{netns=\"4026532100\",other=\"true\"}"
+            ),
+            Some("45".into())
+        );
+        assert_eq!(
+            value(
+                &t,
+                "ctwatch_netns_info{netns=\"4026532100\",name=\"ctw-a\"}"
+            ),
+            Some("1".into())
+        );
+        assert_eq!(
+            value(&t, "ctwatch_netns_info{netns=\"4026531840\"}"),
+            Some("1".into())
+        );
+        assert_eq!(value(&t, "ctwatch_socket_connections"), Some("1".into()));
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            let family = l.split(['{', ' ']).next().unwrap();
+            let node_wide = family.starts_with("ctwatch_socket")
+                || family.starts_with("ctwatch_watchers")
+                || family.starts_with("ctwatch_build")
+                || family.starts_with("process_");
+            assert_eq!(l.contains("netns=\""), !node_wide, "{l}");
+        }
+        // Each family once, its namespaces' samples together.
+        let typed = t.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let mut names: Vec<&str> = t
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        names.dedup();
+        assert_eq!(names.len(), typed);
+        // A namespace gone takes its series and its other counter with it.
+        let t = text(&r.render(&input(vec![unit("4026531840", "", s1, k1)])));
+        assert!(!t.contains("4026532100"), "{t}");
+        assert_eq!(r.other.len(), 1);
+        // Single-namespace mode: no netns label anywhere.
+        let t = text(&r.render(&input(vec![unit("", "", s1, k1)])));
+        assert!(!t.contains("netns="), "{t}");
+        assert_eq!(value(&t, "ctwatch_conntrack_entries"), Some("10".into()));
     }
 }

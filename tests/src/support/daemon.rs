@@ -64,6 +64,9 @@ pub struct DaemonOpts {
     pub env: Vec<(String, String)>,
     /// `--all-netns` (run in the test's own namespace, the host's) instead of `--netns`.
     pub all_netns: bool,
+    /// With `all_netns`: run inside the namespace `start` is given instead, so that it is the
+    /// daemon's own and what the daemon binds (the metrics endpoint) is there.
+    pub inside: bool,
 }
 
 pub struct Daemon {
@@ -77,19 +80,22 @@ pub struct Daemon {
     config: String,
     env: Vec<(String, String)>,
     all_netns: bool,
+    inside: bool,
 }
 
 impl Daemon {
     /// Starts ctwatchd without waiting for it: the command line `start` uses, logging (appending)
     /// to `log`.
     pub fn spawn_raw(ns: &Netns, dir: &Path, state_dir: &Path, config: &str, log: &Path) -> Child {
-        Self::spawn_env(Some(ns), dir, state_dir, config, log, &[])
+        Self::spawn_env(Some(ns), None, dir, state_dir, config, log, &[])
     }
 
     /// `spawn_raw` with extra environment variables.
-    /// `ns`: the namespace to watch (`--netns`); `None`: `--all-netns`.
+    /// `ns`: the namespace to watch (`--netns`); `None`: `--all-netns`, run in `inside` (a
+    /// namespace file) when given, else in the test's own.
     pub fn spawn_env(
         ns: Option<&Netns>,
+        inside: Option<&Path>,
         dir: &Path,
         state_dir: &Path,
         config: &str,
@@ -104,6 +110,21 @@ impl Daemon {
             .open(log)
             .unwrap();
         let mut cmd = Command::new(target_bin("ctwatchd"));
+        if let Some(path) = inside {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let file = std::fs::File::open(path).expect("open the namespace to run in");
+            // SAFETY: between fork and exec, only setns on a descriptor opened before the fork
+            // (it stays open: `file` lives until `spawn` returns).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         match ns {
             Some(ns) => cmd.arg("--netns").arg(ns.path()),
             None => cmd.arg("--all-netns"),
@@ -137,7 +158,16 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
         let target = (!opts.all_netns).then_some(ns);
-        let child = Self::spawn_env(target, dir.path(), &state, &opts.config, &log, &opts.env);
+        let inside = (opts.all_netns && opts.inside).then(|| ns.path());
+        let child = Self::spawn_env(
+            target,
+            inside.as_deref(),
+            dir.path(),
+            &state,
+            &opts.config,
+            &log,
+            &opts.env,
+        );
         let mut d = Daemon {
             child: Some(child),
             socket,
@@ -148,6 +178,7 @@ impl Daemon {
             config: opts.config,
             env: opts.env,
             all_netns: opts.all_netns,
+            inside: opts.inside,
         };
         d.wait_ready();
         d
@@ -167,8 +198,10 @@ impl Daemon {
     /// Starts it again after `stop` or `kill9`.
     pub fn start_again(&mut self, ns: &Netns) {
         assert!(self.child.is_none(), "ctwatchd is still running");
+        let inside = (self.all_netns && self.inside).then(|| ns.path());
         self.child = Some(Self::spawn_env(
             (!self.all_netns).then_some(ns),
+            inside.as_deref(),
             self.dir.path(),
             &self.state,
             &self.config,
