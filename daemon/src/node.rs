@@ -712,6 +712,11 @@ impl Discovery {
             match start_unit(&self.cfg, s) {
                 Ok(n) => {
                     self.failed.remove(id);
+                    // Its mount name at once (ip netns, Docker's), until the next names
+                    // refresh says what lives in it.
+                    if n.name().is_none() {
+                        n.set_name(mount_name(false, n.id, &n.info.load()));
+                    }
                     info!(
                         netns = id,
                         path = %s.path.display(),

@@ -316,8 +316,11 @@ def call(s, method):
         buf += chunk
     return json.loads(buf[:-1])
 held = [conn() for _ in range(3)]
+# 200 ms apart, so that which one has been idle the longest does not hang on when the daemon's
+# task for each marks it idle after its reply (a few ms, later under load).
 for s in held:
     assert "error" not in call(s, "org.varlink.service.GetInfo")
+    time.sleep(0.2)
 extra = conn()
 r = call(extra, "org.varlink.service.GetInfo")
 print("fourth:", json.dumps(r))

@@ -169,10 +169,38 @@ pub struct HistoryHandle {
     /// Usage per minute over the last hour and the 24-hour peak, recomputed by the writer after
     /// each bucket, so that `Status` costs no store scan.
     summary: Arc<Mutex<ctwatch_proto::HistoryStatus>>,
+    /// Buckets sent to the writer, and those it has handled (written or dropped): a query
+    /// waits for the difference, so that a minute just closed is not missing from it.
+    flow: Arc<Flow>,
     pub cfg: HistoryConfig,
 }
 
+#[derive(Default)]
+struct Flow {
+    sent: std::sync::atomic::AtomicU64,
+    landed: std::sync::atomic::AtomicU64,
+}
+
 impl HistoryHandle {
+    /// Makes what the readers closed readable: buckets still gathering the namespaces of
+    /// their minute go to the writer now (one that comes later is added to the stored one),
+    /// and this waits, at most `bound`, for the writer to have handled every bucket sent.
+    /// A minute just closed is then in the store, not in neither the store nor the open
+    /// bucket. Returns whether it settled within the bound.
+    pub fn settle(&self, bound: Duration) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.flush_merged();
+        let target = self.flow.sent.load(SeqCst);
+        let until = Instant::now() + bound;
+        while self.flow.landed.load(SeqCst) < target {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
     /// Hands a closed bucket to the writer without waiting. A full queue drops it.
     pub fn submit(&self, b: Bucket) {
         let ready = {
@@ -201,10 +229,17 @@ impl HistoryHandle {
     }
 
     fn send(&self, b: Merged) {
+        // Counted before it is sent: the writer may handle it before try_send returns.
+        self.flow
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match self.tx.try_send(Msg::Bucket(Box::new(b))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.lock().unwrap().dropped += 1;
+                self.flow
+                    .landed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
     }
@@ -323,6 +358,7 @@ pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (History
         store: Arc::new(Mutex::new(None)),
         stats: stats.clone(),
         summary: Arc::new(Mutex::new(Default::default())),
+        flow: Default::default(),
         cfg: cfg.clone(),
     };
     let mut w = Writer {
@@ -332,6 +368,7 @@ pub fn open(cfg: HistoryConfig, state: Result<StateDir, StateError>) -> (History
         store: handle.store.clone(),
         stats,
         summary: handle.summary.clone(),
+        flow: handle.flow.clone(),
         state: None,
         retry_at: None,
         errors_logged: 0,
@@ -357,6 +394,7 @@ pub struct Writer {
     store: Arc<Mutex<Option<Store>>>,
     stats: Arc<Mutex<WriterStats>>,
     summary: Arc<Mutex<ctwatch_proto::HistoryStatus>>,
+    flow: Arc<Flow>,
     /// The held state directory; `None` while it could not be claimed (a transient fault).
     state: Option<StateDir>,
     retry_at: Option<Instant>,
@@ -412,7 +450,12 @@ impl Writer {
         }
         loop {
             match self.rx.recv() {
-                Ok(Msg::Bucket(b)) => self.handle(*b),
+                Ok(Msg::Bucket(b)) => {
+                    self.handle(*b);
+                    self.flow
+                        .landed
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 Ok(Msg::Incident(i)) => self.incident(&i),
                 Ok(Msg::Stop) | Err(_) => break,
             }

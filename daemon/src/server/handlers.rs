@@ -212,6 +212,38 @@ fn plain(r: Reply) -> Bytes {
     Bytes::from(serde_json::to_vec(&r).unwrap_or_else(|_| b"{}".to_vec()))
 }
 
+/// Longest a history answer waits for the buckets just closed to reach the store.
+const SETTLE_WAIT: Duration = Duration::from_secs(1);
+
+/// The namespaces' pictures for a history answer, consistent with the store: the buckets the
+/// readers closed before the pictures were taken are in the store (`HistoryHandle::settle`),
+/// and no bucket closed after (else the answer would count that minute in neither, or, once
+/// stored, twice). Blocking: for the heavy pool.
+fn settled_snapshots(
+    h: Option<&HistoryHandle>,
+    units: &[Arc<Ns>],
+) -> Vec<Arc<crate::stats::Snapshot>> {
+    let take = || -> Vec<Arc<crate::stats::Snapshot>> {
+        units.iter().map(|n| n.reader.snapshot()).collect()
+    };
+    let mut snaps = take();
+    let Some(h) = h else { return snaps };
+    // A bucket closes once a minute: a second try is enough, a third is slack.
+    for _ in 0..3 {
+        h.settle(SETTLE_WAIT);
+        let again = take();
+        let same = again
+            .iter()
+            .zip(&snaps)
+            .all(|(a, b)| a.bucket_start == b.bucket_start);
+        snaps = again;
+        if same {
+            break;
+        }
+    }
+    snaps
+}
+
 fn store_of(ctx: &Ctx) -> Result<crate::store::Store, ApiError> {
     let h = ctx.history.as_ref().ok_or(ApiError::HistoryDisabled)?;
     h.store().ok_or_else(|| {
@@ -499,14 +531,12 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             };
             q.label_netns = ctx.node.all.then(|| ctx.node.primary().id);
             let names = ctx.node.names.clone();
-            let snaps: Vec<(Arc<Ns>, Arc<crate::stats::Snapshot>)> = units
-                .into_iter()
-                .map(|n| {
-                    let s = n.reader.snapshot();
-                    (n, s)
-                })
-                .collect();
             heavy(ctx, deadline, move |deadline| {
+                let snaps: Vec<(Arc<Ns>, Arc<crate::stats::Snapshot>)> = units
+                    .iter()
+                    .cloned()
+                    .zip(settled_snapshots(Some(&h), &units))
+                    .collect();
                 let keep = h.cfg.keys_per_bucket;
                 let open = OpenBucket {
                     start: snaps[0].1.bucket_start,
@@ -594,7 +624,6 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             let now = unix_now();
             let ns = pick_one(ctx, p, "Dns")?;
             let dp = params::dns(p, now)?;
-            let snap = ns.reader.snapshot();
             let kernel = ns.kernel.view();
             let h = ctx.history.clone();
             let open = ns.monitor.open.load_full();
@@ -603,6 +632,7 @@ async fn call(route: Route, p: &mut Params, ctx: &Ctx) -> Result<Bytes, ApiError
             let names = ctx.node.names.clone();
             let replies = ctx.dns;
             heavy(ctx, deadline, move |deadline| {
+                let snap = settled_snapshots(h.as_ref(), std::slice::from_ref(&ns)).remove(0);
                 // The insert-race incidents of the window: open ones, and the stored ones.
                 let mut incidents: Vec<ctwatch_proto::Incident> = open.to_vec();
                 if let Some(store) = h.as_ref().and_then(|h| h.store()) {

@@ -37,6 +37,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// `wait_for` that gives up with `None`, for a caller that says itself what it awaited.
+pub fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Fails loudly when the tests cannot do what they must (never a silent skip).
 pub fn require_root_and_tools() {
     // SAFETY: geteuid has no preconditions.
