@@ -62,6 +62,12 @@ impl NsProc {
                     .filter(|id| *id != own)
             },
         );
+        // And until it is sleep: unshare execs it after unsharing, and what names the
+        // namespace (its process's command) changes then.
+        wait_for("unshare to exec sleep", Duration::from_secs(10), || {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "sleep").then_some(())
+        });
         p
     }
 
