@@ -54,6 +54,8 @@ const OTHER_KEYS: &[&str] = &[
     "names.pods_log",
     "names.docker_containers",
     "all_netns",
+    "metrics.listen",
+    "metrics.bearer_token_file",
 ];
 
 /// Each bounded key's value in the unit its key is written in.
@@ -89,6 +91,12 @@ fn integers(s: &Settings) -> Vec<(Bound, u64, u64)> {
         (MAX_DISK_MB, s.max_disk_bytes, 1 << 20),
         (QUIET_SECS, s.quiet_secs, 1),
         (INCIDENT_DAYS, s.incident_retention_secs, 86_400),
+        (METRICS_TOP_K, s.metrics.top_k, 1),
+        (METRICS_CONNECTIONS, s.metrics.max_connections, 1),
+        (METRICS_HEADER_BYTES, s.metrics.max_header_bytes, 1),
+        (METRICS_HEADER_SECS, s.metrics.header_timeout_secs, 1),
+        (METRICS_IDLE_SECS, s.metrics.idle_timeout_secs, 1),
+        (METRICS_WRITE_SECS, s.metrics.write_timeout_secs, 1),
     ]
 }
 
@@ -174,6 +182,14 @@ fn render(s: &Settings) -> String {
                     writeln!(out, "kmsg = {}", s.kmsg).unwrap();
                     writeln!(out, "kmsg_path = {}", path(&s.kmsg_path)).unwrap();
                 }
+                "metrics" => {
+                    if let Some(l) = &s.metrics.listen {
+                        writeln!(out, "listen = {}", string(&l.value.to_string())).unwrap();
+                    }
+                    if let Some(t) = &s.metrics.bearer_token_file {
+                        writeln!(out, "bearer_token_file = {}", path(t)).unwrap();
+                    }
+                }
                 _ => {}
             }
         }
@@ -200,6 +216,9 @@ fn same(a: &Settings, b: &Settings) -> bool {
         y.line = x.line;
     }
     if let (Some(x), Some(y)) = (&a.all_netns, &mut b.all_netns) {
+        y.line = x.line;
+    }
+    if let (Some(x), Some(y)) = (&a.metrics.listen, &mut b.metrics.listen) {
         y.line = x.line;
     }
     *a == b

@@ -42,7 +42,7 @@ fn advice_names_the_time_wait_timeout_and_what_it_frees() {
     time_wait(&ns, 7200, 20);
     std::thread::sleep(Duration::from_secs(32));
     time_wait(&ns, 7201, 10);
-    std::thread::sleep(Duration::from_millis(1200)); // a history bucket with the peak closes
+    d.await_bucket(); // a history bucket with the peak is stored
     let a = d.json(&["advise"]);
     let items = a["items"].as_array().unwrap();
     let item = |id: &str| {

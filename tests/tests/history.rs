@@ -226,7 +226,7 @@ fn kills_inside_open_never_break_the_store() {
     // Some history first.
     let mut d = Daemon::start(&ns, opts(&state));
     ns.run(|| udp_flows("127.0.0.1:6000".parse().unwrap(), 12));
-    std::thread::sleep(Duration::from_millis(1500));
+    d.await_bucket();
     assert!(d.stop().success());
     let log = dir.path().join("kill-loop.log");
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -266,7 +266,7 @@ fn a_corrupt_store_is_moved_aside_and_the_daemon_starts_fresh() {
     let state = dir.path().join("state");
     let mut d = Daemon::start(&ns, opts(&state));
     ns.run(|| udp_flows("127.0.0.1:6100".parse().unwrap(), 3));
-    std::thread::sleep(Duration::from_millis(1500));
+    d.await_bucket();
     assert!(d.stop().success());
     let store = state.join("history");
     // Damage every file of the store.
@@ -287,7 +287,7 @@ fn a_corrupt_store_is_moved_aside_and_the_daemon_starts_fresh() {
         .collect();
     assert_eq!(aside.len(), 1, "the broken store is kept for inspection");
     ns.run(|| udp_flows("127.0.0.1:6101".parse().unwrap(), 4));
-    std::thread::sleep(Duration::from_millis(1500));
+    d.await_bucket();
     assert!(d.is_running());
     let rows = query(&d, &["--since", "5m"]);
     assert_eq!(

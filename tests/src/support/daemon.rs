@@ -211,6 +211,18 @@ impl Daemon {
         self.wait_ready();
     }
 
+    /// Waits (10 s at most) for the history writer to store one more bucket than now: what
+    /// was counted before the call is then in the store.
+    pub fn await_bucket(&self) {
+        let written = |d: &Daemon| d.json(&["status"])["history"]["buckets_written"].as_u64();
+        let w0 = written(self).expect("history is on");
+        super::wait_for(
+            "one more history bucket written",
+            Duration::from_secs(10),
+            || (written(self)? > w0).then_some(()),
+        );
+    }
+
     fn wait_ready(&mut self) {
         for _ in 0..200 {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
