@@ -42,15 +42,19 @@ impl Client {
     pub fn call(&mut self, method: &str, params: Map<String, Value>) -> Result<Value> {
         let mut out = serde_json::to_vec(&Request::new(method, params))?;
         out.push(0);
-        self.stream
-            .get_mut()
-            .write_all(&out)
-            .context("cannot send the request")?;
+        let sent = self.stream.get_mut().write_all(&out);
         let mut buf = Vec::new();
-        let n = (&mut self.stream)
+        let read = (&mut self.stream)
             .take(MAX_REPLY_LEN as u64 + 1)
-            .read_until(0, &mut buf)
-            .context("no reply from ctwatchd")?;
+            .read_until(0, &mut buf);
+        if let Err(e) = sent {
+            // A daemon that refuses a connection answers and closes it before reading the
+            // request: its answer, if any, says why.
+            if buf.last() != Some(&0) {
+                return Err(e).context("cannot send the request to ctwatchd");
+            }
+        }
+        let n = read.context("no reply from ctwatchd")?;
         if n == 0 || buf.last() != Some(&0) {
             bail!("ctwatchd closed the connection without a complete reply");
         }

@@ -20,16 +20,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`ctctl top | head`) is not a failure. (A broken pipe to
+        // ctwatchd is: a daemon that refused the connection and closed it first.)
+        Err(e) if e.downcast_ref::<StdoutGone>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            // A reader that went away (`ctctl top | head`) is not a failure.
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::BrokenPipe {
-                    return ExitCode::SUCCESS;
-                }
-            }
             eprintln!("ctctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard output was closed by its reader.
+#[derive(Debug)]
+pub struct StdoutGone;
+
+impl std::fmt::Display for StdoutGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutGone {}
+
+/// An error writing standard output: `StdoutGone` for a closed pipe.
+pub fn stdout_err(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutGone)
+    } else {
+        anyhow::Error::new(e)
     }
 }
 
@@ -42,8 +60,8 @@ fn params(v: Value) -> Map<String, Value> {
 
 fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+    out.write_all(text.as_bytes()).map_err(stdout_err)?;
+    out.flush().map_err(stdout_err)?;
     Ok(())
 }
 
@@ -78,7 +96,7 @@ fn generate(what: &str) -> Result<()> {
         "zsh" => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "ctctl", &mut out),
         _ => anyhow::bail!("generate man, bash or zsh"),
     }
-    std::io::stdout().write_all(&out)?;
+    std::io::stdout().write_all(&out).map_err(stdout_err)?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! (tables, or JSON objects one per line) elsewhere. The stream survives the daemon
 //! restarting: ctctl reconnects and goes on counting frames.
 
+use crate::stdout_err;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -193,13 +194,13 @@ pub fn run(
         first = false;
         while let Some(frame) = stream.next(interval * 3 + Duration::from_secs(2))? {
             if json {
-                writeln!(out, "{}", serde_json::to_string(&frame)?)?;
+                writeln!(out, "{}", serde_json::to_string(&frame)?).map_err(stdout_err)?;
             } else if tty {
-                write!(out, "{}", in_place(&draw(&frame)))?;
+                write!(out, "{}", in_place(&draw(&frame))).map_err(stdout_err)?;
             } else {
-                writeln!(out, "{}", draw(&frame))?;
+                writeln!(out, "{}", draw(&frame)).map_err(stdout_err)?;
             }
-            out.flush()?;
+            out.flush().map_err(stdout_err)?;
             shown += 1;
             if count.is_some_and(|c| shown >= c) {
                 return Ok(());
