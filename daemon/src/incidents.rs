@@ -73,6 +73,43 @@ pub struct Ctx<'a> {
     pub now: u64,
     /// Seconds since the open history bucket started (the window new-rates are taken over).
     pub window_secs: f64,
+    /// The fullest the table was in the last seconds, if it came near its limit.
+    pub fullest: Option<Fullest<'a>>,
+}
+
+/// The fullest the reader saw the table in the last seconds: the picture with the most
+/// entries, and the most entries tracked at any one moment (between pictures too).
+#[derive(Clone, Copy)]
+pub struct Fullest<'a> {
+    pub snap: &'a LiveSnapshot,
+    pub entries: u64,
+}
+
+impl<'a> Ctx<'a> {
+    /// The context with the fullest recent picture and count in place of the ones now, where
+    /// they hold more. A table-full incident is about the moment the table overflowed, and the
+    /// kernel may empty it soon after: its garbage collector evicts unreplied entries once
+    /// allocations fail, so a drop seen on the next poll can meet a table far below its limit
+    /// (94 of 145 entries, in one run). The count never exceeds the limit it overflowed.
+    fn at_fullest(&self) -> Ctx<'a> {
+        let Some(f) = self.fullest else {
+            return *self;
+        };
+        let entries = if self.max > 0 {
+            f.entries.min(self.max)
+        } else {
+            f.entries
+        };
+        Ctx {
+            snap: if f.snap.live > self.snap.live {
+                f.snap
+            } else {
+                self.snap
+            },
+            count: self.count.max(entries),
+            ..*self
+        }
+    }
 }
 
 /// The kinds of incident. On the wire and in the store, `Incident.kind` is the name.
@@ -268,6 +305,12 @@ impl Engine {
         self.open.iter().all(|o| o.is_some())
     }
 
+    /// Whether the kernel's drop counters rose since the engine last looked at them.
+    pub fn drops_rose(&self, k: KernelCounters) -> bool {
+        self.prev
+            .is_some_and(|p| k.drop > p.drop || k.early_drop > p.early_drop)
+    }
+
     /// Whether a table-full incident is open.
     pub fn table_full_open(&self) -> bool {
         self.open[TABLE_FULL].is_some()
@@ -368,6 +411,13 @@ impl Engine {
     }
 
     fn open_incident(&mut self, slot: usize, c: &Ctx, why: &str) {
+        let fullest;
+        let c = if slot == TABLE_FULL {
+            fullest = c.at_fullest();
+            &fullest
+        } else {
+            c
+        };
         let snap = self.snapshot(c);
         let top_services = if slot == INSERT_RACE {
             self.udp53(c)
@@ -428,7 +478,7 @@ impl Engine {
                 count = c.count,
                 max = c.max,
                 top_service = %top,
-                "conntrack table full, packets dropped: {why}; top service {top} ({} of {} entries)",
+                "conntrack table full, packets dropped: {why}; top service {top} (table at {} of {} entries)",
                 c.count,
                 c.max
             );
@@ -520,15 +570,20 @@ impl Engine {
             o.inc.early_drop = k.early_drop.saturating_sub(b.early_drop);
             o.inc.insert_failed = k.insert_failed.saturating_sub(b.insert_failed);
             o.inc.clash_resolve = k.clash_resolve.saturating_sub(b.clash_resolve);
+            let p = if slot == TABLE_FULL {
+                c.at_fullest()
+            } else {
+                *c
+            };
             let mut changed = false;
-            if c.count > o.inc.peak_count {
-                o.inc.peak_count = c.count;
-                o.inc.max = c.max;
-                o.inc.peak_usage_pct = pct;
+            if p.count > o.inc.peak_count {
+                o.inc.peak_count = p.count;
+                o.inc.max = p.max;
+                o.inc.peak_usage_pct = usage(p.count, p.max);
                 changed = true;
             }
             if changed {
-                let snap = self.snapshot(c);
+                let snap = self.snapshot(&p);
                 if let Some(o) = &mut self.open[slot] {
                     o.inc.at_peak = snap;
                 }
@@ -734,6 +789,7 @@ mod tests {
             counters: k,
             now,
             window_secs: 10.0,
+            fullest: None,
         }
     }
 
@@ -774,6 +830,51 @@ mod tests {
         e.on_stats(&ctx(&t.snapshot(), 100, 100, k, 1100));
         assert_eq!(e.open_incidents()[0].id, 2);
         assert_eq!(e.open_incidents()[0].dropped, 1);
+    }
+
+    #[test]
+    fn a_drop_seen_after_the_kernel_emptied_the_table_shows_it_as_it_overflowed() {
+        // The table overflowed with 100 entries of UDP/9999 (the fullest picture), then the
+        // kernel evicted most of them before the poll that saw the drop.
+        let mut full = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..100 {
+            full.on_new(&conn(i, 17, 9999), 0);
+        }
+        let mut now = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..30 {
+            now.on_new(&conn(i, 17, 9999), 0);
+        }
+        for i in 30..60 {
+            now.on_new(&conn(i, 6, 443), 0);
+        }
+        let (full, now) = (full.snapshot(), now.snapshot());
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
+        let mut k = KernelCounters::default();
+        e.prime(k);
+        k.drop = 4;
+        assert!(e.drops_rose(k));
+        let c = Ctx {
+            fullest: Some(Fullest {
+                snap: &full,
+                entries: 104,
+            }),
+            ..ctx(&now, 60, 100, k, 1000)
+        };
+        e.on_stats(&c);
+        assert!(!e.drops_rose(k), "counted once");
+        let i = &e.open_incidents()[0];
+        assert_eq!(i.at_open.top_services[0].live, 100, "{i:?}");
+        assert_eq!(i.at_open.count, 100);
+        // Capped at the limit the table overflowed: no more than 100 % full.
+        assert_eq!(i.peak_count, 100);
+        assert_eq!(i.peak_usage_pct, 100.0);
+        // Without a fuller picture, the one now.
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
+        e.prime(KernelCounters::default());
+        e.on_stats(&ctx(&now, 60, 100, k, 1000));
+        let i = &e.open_incidents()[0];
+        assert_eq!(i.at_open.top_services[0].live, 30, "{i:?}");
+        assert_eq!(i.peak_count, 60);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The monitor: one thread that polls the kernel's conntrack statistics (every 100 ms, on its
 //! own request socket: two small requests, so the table's count in an answer is as fresh as
 //! the live picture), reads the sysctls and the slab object size (every few seconds), runs the
-//! incident engine every second on those figures and on the kernel-log lines the watcher hands
-//! it, and
+//! incident engine every second (and on the poll that sees the drop counters rise) on those
+//! figures and on the kernel-log lines the watcher hands it, and
 //! publishes what it knows ([`KernelView`], the open incidents) for everyone to read without a
 //! lock. It never touches the reader: the live picture it needs comes from snapshots.
 
@@ -32,6 +32,12 @@ const SYSCTLS_EVERY: Duration = Duration::from_secs(5);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Longest the monitor waits for a snapshot newer than a signal.
 const FRESH_WAIT: Duration = Duration::from_millis(300);
+/// How long the fullest recent picture is kept after it was last outdone: a drop is seen on
+/// the next poll or kernel-log line, by when the kernel may have emptied the table again.
+const FULLEST_KEEP: Duration = Duration::from_secs(3);
+/// A picture is kept as the fullest only from this share of the limit (per mille): the
+/// kernel drops at the limit alone, and a picture far below it is not worth its memory.
+const FULLEST_FROM: u64 = 900;
 /// Kernel-log events waiting for the monitor; the watcher waits for room (lines are rare).
 const QUEUE: usize = 256;
 /// For a namespace other than the daemon's own (`--all-netns`): how often its counters and
@@ -167,8 +173,18 @@ pub struct Monitor {
     next: Option<crate::stats::Snapshot>,
     poll_every: Duration,
     sysctls_every: Duration,
+    /// The fullest picture of the last seconds, while the table is near its limit (one
+    /// snapshot held at most, `FULLEST_KEEP` after it was last outdone).
+    fullest: Option<Held>,
     /// Another namespace than the thread's own: its sysctls are read inside it.
     netns: Option<Arc<std::fs::File>>,
+}
+
+/// The fullest recent picture, and the most entries the reader tracked at once meanwhile.
+struct Held {
+    snap: Arc<crate::stats::Snapshot>,
+    entries: u64,
+    at: Instant,
 }
 
 impl Monitor {
@@ -206,6 +222,7 @@ impl Monitor {
                 next: None,
                 poll_every: POLL_EVERY,
                 sysctls_every: SYSCTLS_EVERY,
+                fullest: None,
                 netns: None,
             },
             handle,
@@ -277,10 +294,48 @@ impl Monitor {
         }
     }
 
+    /// Looks at the latest picture: kept as the fullest of the last seconds if the table is
+    /// near its limit and it holds more than the one kept.
+    fn sample(&mut self, snap: &Arc<crate::stats::Snapshot>) {
+        if self
+            .fullest
+            .as_ref()
+            .is_some_and(|f| f.at.elapsed() > FULLEST_KEEP)
+        {
+            self.fullest = None;
+        }
+        let max = self.kernel.view().stats.max;
+        let entries = snap.high_water.max(snap.live);
+        if max == 0 || entries.saturating_mul(1000) < max.saturating_mul(FULLEST_FROM) {
+            return;
+        }
+        let now = Instant::now();
+        match &mut self.fullest {
+            Some(f) => {
+                if entries > f.entries {
+                    f.entries = entries;
+                    f.at = now;
+                }
+                if snap.live > f.snap.live {
+                    f.snap = snap.clone();
+                    f.at = now;
+                }
+            }
+            None => {
+                self.fullest = Some(Held {
+                    snap: snap.clone(),
+                    entries,
+                    at: now,
+                })
+            }
+        }
+    }
+
     fn ctx<'a>(
         kernel: &Kernel,
         earlier: Option<&'a crate::stats::Snapshot>,
         snap: &'a crate::stats::Snapshot,
+        fullest: Option<&'a Held>,
     ) -> Ctx<'a> {
         let k = kernel.view();
         let now = unix_now();
@@ -292,6 +347,10 @@ impl Monitor {
             counters: k.stats.counters,
             now,
             window_secs: now.saturating_sub(snap.bucket_start).max(1) as f64,
+            fullest: fullest.map(|f| crate::incidents::Fullest {
+                snap: &f.snap,
+                entries: f.entries,
+            }),
         }
     }
 
@@ -351,27 +410,36 @@ impl Monitor {
                     } else {
                         self.fresh_snapshot(arrived)
                     };
+                    self.sample(&snap);
                     let ctx = Self::ctx(
                         &self.kernel,
                         self.earlier.as_ref().or(self.next.as_ref()),
                         &snap,
+                        self.fullest.as_ref(),
                     );
                     self.engine.on_kmsg(ev, &ctx);
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     self.poll();
-                    if self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
+                    let latest = self.snapshots.load_full();
+                    self.sample(&latest);
+                    // A drop opens its incident on this poll, not on the engine's next turn.
+                    let dropped = !self.engine.table_full_open()
+                        && self.engine.drops_rose(self.kernel.view().stats.counters);
+                    if dropped || self.last_engine.is_none_or(|t| t.elapsed() >= ENGINE_EVERY) {
                         self.last_engine = Some(Instant::now());
                         let polled = self.last_poll.unwrap_or_else(Instant::now);
                         let snap = if self.engine.all_open() {
-                            self.snapshots.load_full()
+                            latest
                         } else {
                             self.fresh_snapshot(polled)
                         };
+                        self.sample(&snap);
                         let ctx = Self::ctx(
                             &self.kernel,
                             self.earlier.as_ref().or(self.next.as_ref()),
                             &snap,
+                            self.fullest.as_ref(),
                         );
                         self.engine.on_stats(&ctx);
                         self.remember(&snap);

@@ -137,10 +137,18 @@ struct Publisher {
     spare: Option<Arc<Snapshot>>,
     seq: u64,
     last: Instant,
+    /// The most entries tracked at once in the previous second and in this one (since
+    /// `high_since`): a picture shows the last one to two seconds' high-water mark, so a
+    /// watcher that samples less often than pictures are published misses no peak.
+    high: [u64; 2],
+    high_since: Instant,
 }
 
+/// How long each of the publisher's two high-water slots covers.
+const HIGH_WATER_SLOT: Duration = Duration::from_secs(1);
+
 impl Publisher {
-    fn publish(&mut self, tracker: &Tracker, meta: &Snapshot) {
+    fn publish(&mut self, tracker: &mut Tracker, meta: &Snapshot) {
         let mut next = match self.spare.take().map(Arc::try_unwrap) {
             Some(Ok(s)) => s,
             _ => Snapshot::default(),
@@ -164,6 +172,12 @@ impl Publisher {
         next.bucket_start = meta.bucket_start;
         next.bucket_kernel0 = meta.bucket_kernel0;
         tracker.publish_into(&mut next);
+        self.high[1] = self.high[1].max(tracker.take_high_water());
+        next.high_water = self.high[0].max(self.high[1]);
+        if self.high_since.elapsed() >= HIGH_WATER_SLOT {
+            self.high = [self.high[1], next.live];
+            self.high_since = Instant::now();
+        }
         let old = self.out.swap(Arc::new(next));
         self.spare = Some(old);
         self.last = Instant::now();
@@ -293,6 +307,8 @@ impl Reader {
                 spare: None,
                 seq: 0,
                 last: Instant::now(),
+                high: [0; 2],
+                high_since: Instant::now(),
             },
             last_drops_check: Instant::now(),
             kernel,
@@ -313,7 +329,7 @@ impl Reader {
 
     fn publish(&mut self) {
         self.meta.bucket_start = self.clock.start();
-        self.publisher.publish(&self.tracker, &self.meta);
+        self.publisher.publish(&mut self.tracker, &self.meta);
     }
 
     /// Runs a full dump as a mark-and-sweep generation. Events that queue meanwhile are read

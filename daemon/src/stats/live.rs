@@ -229,6 +229,8 @@ pub struct Tracker {
     /// Current dump generation's mark bit.
     parity: u32,
     orphans: u64,
+    /// The most entries tracked at once since the last picture was published.
+    high_water: u64,
     pub counters: TrackerCounters,
 }
 
@@ -254,6 +256,7 @@ impl Tracker {
             check: foldhash::fast::FixedState::with_seed(0x0063_7477_6174_6368),
             parity: 0,
             orphans: 0,
+            high_water: 0,
             counters: TrackerCounters::default(),
         }
     }
@@ -288,6 +291,13 @@ impl Tracker {
     /// Entries tracked now.
     pub fn live(&self) -> u64 {
         self.mirror.len() as u64
+    }
+
+    /// The most entries tracked at once since the last call (at least those tracked now):
+    /// a table that filled and emptied between two pictures still shows how full it got.
+    pub fn take_high_water(&mut self) -> u64 {
+        let now = self.live();
+        std::mem::replace(&mut self.high_water, now).max(now)
     }
 
     /// Entries known only from a dump: they may never emit DESTROY, so dumps must retire them.
@@ -330,6 +340,7 @@ impl Tracker {
                     a.new += 1;
                     a.live_max = a.live_max.max(live);
                 });
+                self.high_water = self.high_water.max(self.mirror.len() as u64);
             }
         }
     }

@@ -139,6 +139,8 @@ pub struct Snapshot {
     /// Entries tracked, and those known only from a dump.
     pub live: u64,
     pub orphans: u64,
+    /// The most entries tracked at any moment since the picture before (at least `live`).
+    pub high_water: u64,
     pub last_dump: Option<DumpInfo>,
     /// A dump in progress (the picture is then between two states of the table).
     pub dumping: Option<DumpReason>,
@@ -170,6 +172,7 @@ impl Default for Snapshot {
             figures: ReaderFigures::default(),
             live: 0,
             orphans: 0,
+            high_water: 0,
             last_dump: None,
             dumping: None,
             bucket_start: 0,

@@ -525,3 +525,23 @@ fn rates_are_taken_over_the_span_and_survive_a_freed_key() {
     then.taken = turned.taken - Duration::from_millis(5);
     assert!(rates(&turned, &then).is_empty());
 }
+
+#[test]
+fn the_high_water_mark_holds_a_peak_between_two_pictures() {
+    let mut t = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+    let c: Vec<Conn> = (0..50)
+        .map(|i| conn(i, 17, [10, 0, 0, 1], 1000 + i as u16, [10, 0, 0, 2], 53))
+        .collect();
+    for x in &c {
+        t.on_new(x, 0);
+    }
+    for x in &c[..40] {
+        t.on_destroy(x, 1);
+    }
+    assert_eq!(t.live(), 10);
+    assert_eq!(t.take_high_water(), 50, "the peak, gone since");
+    assert_eq!(t.take_high_water(), 10, "reset to the entries tracked now");
+    // A NEW already known (from a dump) raises nothing.
+    t.on_new(&c[45], 1);
+    assert_eq!(t.take_high_water(), 10);
+}
