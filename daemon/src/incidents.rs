@@ -4,14 +4,16 @@
 //! keys that filled the table when it opened and at its peak. Also the usage thresholds.
 //!
 //! The engine runs on the monitor thread, on the kernel figures it polls and the reader's
-//! latest snapshot of the live picture (at most ~100 ms old). Signals: a table-full line from
-//! the kernel log (it says when, and in which namespace), and the kernel's counters polled
-//! every second (the log is rate-limited; the counters are the truth about how many packets
-//! were dropped). An incident closes after a quiet period; it is saved when it opens, at most
-//! every few seconds while it grows, and when it closes — handed to the writer without
-//! waiting, and retried every second while the writer's queue is full, so a slow disk costs
-//! neither the monitor's time nor an incident. An incident still open when the daemon stops is
-//! picked up again at start, so a restart neither duplicates nor loses it.
+//! latest snapshot of the live picture (at most ~100 ms old; a table-full incident's, the
+//! fullest of the last seconds). Signals: a table-full line from the kernel log (it says when,
+//! and in which namespace), and the kernel's counters, looked at every second and on each
+//! poll (100 ms; 500 ms in another namespace) where the drop counters rose (the log is
+//! rate-limited; the counters are the truth about how many packets were dropped). An incident
+//! closes after a quiet period; it is saved when it opens, at most every few seconds while it
+//! grows, and when it closes — handed to the writer without waiting, and retried every second
+//! while the writer's queue is full, so a slow disk costs neither the monitor's time nor an
+//! incident. An incident still open when the daemon stops is picked up again at start, so a
+//! restart neither duplicates nor loses it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,11 +79,12 @@ pub struct Ctx<'a> {
     pub fullest: Option<Fullest<'a>>,
 }
 
-/// The fullest the reader saw the table in the last seconds: the picture with the most
-/// entries, and the most entries tracked at any one moment (between pictures too).
+/// The fullest the reader saw the table in the last seconds, while it was near its limit.
 #[derive(Clone, Copy)]
 pub struct Fullest<'a> {
-    pub snap: &'a LiveSnapshot,
+    /// The picture with the most entries (`None`: none came near the limit).
+    pub snap: Option<&'a LiveSnapshot>,
+    /// The most entries tracked at any one moment, between pictures too (0: unknown).
     pub entries: u64,
 }
 
@@ -101,13 +104,21 @@ impl<'a> Ctx<'a> {
             f.entries
         };
         Ctx {
-            snap: if f.snap.live > self.snap.live {
-                f.snap
-            } else {
-                self.snap
-            },
+            snap: f
+                .snap
+                .filter(|s| s.live > self.snap.live)
+                .unwrap_or(self.snap),
             count: self.count.max(entries),
             ..*self
+        }
+    }
+
+    /// The context a kind of incident pictures: a table-full one, the table at its fullest.
+    fn for_slot(&self, slot: usize) -> Ctx<'a> {
+        if slot == TABLE_FULL {
+            self.at_fullest()
+        } else {
+            *self
         }
     }
 }
@@ -358,8 +369,14 @@ impl Engine {
             self.name_rows(&mut rows);
             rows
         };
+        // A picture older than the moment (the fullest of the last seconds) has its own time.
+        let t = if c.snap.unix > 0 && c.snap.unix + 1 < c.now {
+            c.snap.unix
+        } else {
+            c.now
+        };
         Snapshot {
-            t: rfc3339(c.now),
+            t: rfc3339(t),
             count: c.count,
             usage_pct: usage(c.count, c.max),
             top_services: top(Dimension::Service),
@@ -411,13 +428,7 @@ impl Engine {
     }
 
     fn open_incident(&mut self, slot: usize, c: &Ctx, why: &str) {
-        let fullest;
-        let c = if slot == TABLE_FULL {
-            fullest = c.at_fullest();
-            &fullest
-        } else {
-            c
-        };
+        let c = &c.for_slot(slot);
         let snap = self.snapshot(c);
         let top_services = if slot == INSERT_RACE {
             self.udp53(c)
@@ -530,7 +541,7 @@ impl Engine {
         }
     }
 
-    /// The kernel's counters, polled every second.
+    /// The kernel's counters: every second, and on a poll where the drop counters rose.
     pub fn on_stats(&mut self, c: &Ctx) {
         let k = c.counters;
         if let Some(prev) = self.prev {
@@ -570,11 +581,7 @@ impl Engine {
             o.inc.early_drop = k.early_drop.saturating_sub(b.early_drop);
             o.inc.insert_failed = k.insert_failed.saturating_sub(b.insert_failed);
             o.inc.clash_resolve = k.clash_resolve.saturating_sub(b.clash_resolve);
-            let p = if slot == TABLE_FULL {
-                c.at_fullest()
-            } else {
-                *c
-            };
+            let p = c.for_slot(slot);
             let mut changed = false;
             if p.count > o.inc.peak_count {
                 o.inc.peak_count = p.count;
@@ -855,7 +862,7 @@ mod tests {
         assert!(e.drops_rose(k));
         let c = Ctx {
             fullest: Some(Fullest {
-                snap: &full,
+                snap: Some(&full),
                 entries: 104,
             }),
             ..ctx(&now, 60, 100, k, 1000)
@@ -875,6 +882,61 @@ mod tests {
         let i = &e.open_incidents()[0];
         assert_eq!(i.at_open.top_services[0].live, 30, "{i:?}");
         assert_eq!(i.peak_count, 60);
+        // Open, then a fuller picture comes in: the peak takes it.
+        let c = Ctx {
+            fullest: Some(Fullest {
+                snap: Some(&full),
+                entries: 100,
+            }),
+            ..ctx(&now, 60, 100, k, 1001)
+        };
+        e.on_stats(&c);
+        let i = &e.open_incidents()[0];
+        assert_eq!((i.peak_count, i.peak_usage_pct), (100, 100.0));
+        assert_eq!(i.at_peak.top_services[0].live, 100, "{i:?}");
+        assert_eq!(i.at_open.top_services[0].live, 30, "at_open stays");
+        // A count without a picture near the limit raises the peak, not the pictures' rows.
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
+        e.prime(KernelCounters::default());
+        let c = Ctx {
+            fullest: Some(Fullest {
+                snap: None,
+                entries: 97,
+            }),
+            ..ctx(&now, 60, 100, k, 1000)
+        };
+        e.on_stats(&c);
+        let i = &e.open_incidents()[0];
+        assert_eq!(i.peak_count, 97);
+        assert_eq!(i.at_open.top_services[0].live, 30);
+    }
+
+    #[test]
+    fn an_insert_race_pictures_the_table_now_not_its_fullest() {
+        let mut now = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..20 {
+            now.on_new(&conn(i, 17, 53), 0);
+        }
+        let mut full = Tracker::new(DEFAULT_CAPS, DEFAULT_WINDOW_KEYS);
+        for i in 0..95 {
+            full.on_new(&conn(i, 17, 53), 0);
+        }
+        let (now, full) = (now.snapshot(), full.snapshot());
+        let mut e = Engine::new(cfg(), 1, Default::default(), None, None);
+        let mut k = KernelCounters::default();
+        e.prime(k);
+        k.insert_failed = 3;
+        let c = Ctx {
+            fullest: Some(Fullest {
+                snap: Some(&full),
+                entries: 95,
+            }),
+            ..ctx(&now, 20, 100, k, 1000)
+        };
+        e.on_stats(&c);
+        let i = &e.open_incidents()[0];
+        assert_eq!(i.kind, "insert_race");
+        assert_eq!((i.peak_count, i.top_services[0].live), (20, 20), "{i:?}");
     }
 
     #[test]

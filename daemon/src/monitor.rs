@@ -32,8 +32,8 @@ const SYSCTLS_EVERY: Duration = Duration::from_secs(5);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Longest the monitor waits for a snapshot newer than a signal.
 const FRESH_WAIT: Duration = Duration::from_millis(300);
-/// How long the fullest recent picture is kept after it was last outdone: a drop is seen on
-/// the next poll or kernel-log line, by when the kernel may have emptied the table again.
+/// How long the fullest recent picture is kept: a drop is seen on the next poll or
+/// kernel-log line, by when the kernel may have emptied the table again.
 const FULLEST_KEEP: Duration = Duration::from_secs(3);
 /// A picture is kept as the fullest only from this share of the limit (per mille): the
 /// kernel drops at the limit alone, and a picture far below it is not worth its memory.
@@ -173,18 +173,57 @@ pub struct Monitor {
     next: Option<crate::stats::Snapshot>,
     poll_every: Duration,
     sysctls_every: Duration,
-    /// The fullest picture of the last seconds, while the table is near its limit (one
-    /// snapshot held at most, `FULLEST_KEEP` after it was last outdone).
-    fullest: Option<Held>,
+    /// The fullest the table was in the last seconds, while near its limit (one trimmed
+    /// copy of a snapshot held at most).
+    fullest: FullestSeen,
     /// Another namespace than the thread's own: its sysctls are read inside it.
     netns: Option<Arc<std::fs::File>>,
 }
 
-/// The fullest recent picture, and the most entries the reader tracked at once meanwhile.
-struct Held {
-    snap: Arc<crate::stats::Snapshot>,
-    entries: u64,
-    at: Instant,
+/// The fullest the table was in the last seconds, while it was near its limit: a trimmed
+/// copy of the picture with the most entries, kept `FULLEST_KEEP` after it was taken, and the
+/// most entries the reader tracked at any one moment, kept `FULLEST_KEEP` after a picture
+/// showed it (a picture's mark covers up to 2 s before it: the count can be 5 s old).
+#[derive(Default)]
+struct FullestSeen {
+    snap: Option<crate::stats::Snapshot>,
+    entries: Option<(u64, Instant)>,
+}
+
+impl FullestSeen {
+    fn sample(&mut self, snap: &crate::stats::Snapshot, max: u64, now: Instant) {
+        if self
+            .snap
+            .as_ref()
+            .is_some_and(|s| now.saturating_duration_since(s.taken) > FULLEST_KEEP)
+        {
+            self.snap = None;
+        }
+        if self
+            .entries
+            .is_some_and(|(_, at)| now.saturating_duration_since(at) > FULLEST_KEEP)
+        {
+            self.entries = None;
+        }
+        let near = |n: u64| max > 0 && n.saturating_mul(1000) >= max.saturating_mul(FULLEST_FROM);
+        let mark = snap.high_water.max(snap.live);
+        if near(mark) && self.entries.is_none_or(|(e, _)| mark >= e) {
+            self.entries = Some((mark, now));
+        }
+        if near(snap.live) && self.snap.as_ref().is_none_or(|s| snap.live > s.live) {
+            self.snap = Some(snap.incident_basis());
+        }
+    }
+
+    fn view(&self) -> Option<crate::incidents::Fullest<'_>> {
+        if self.snap.is_none() && self.entries.is_none() {
+            return None;
+        }
+        Some(crate::incidents::Fullest {
+            snap: self.snap.as_ref(),
+            entries: self.entries.map_or(0, |(e, _)| e),
+        })
+    }
 }
 
 impl Monitor {
@@ -222,7 +261,7 @@ impl Monitor {
                 next: None,
                 poll_every: POLL_EVERY,
                 sysctls_every: SYSCTLS_EVERY,
-                fullest: None,
+                fullest: FullestSeen::default(),
                 netns: None,
             },
             handle,
@@ -294,48 +333,17 @@ impl Monitor {
         }
     }
 
-    /// Looks at the latest picture: kept as the fullest of the last seconds if the table is
-    /// near its limit and it holds more than the one kept.
-    fn sample(&mut self, snap: &Arc<crate::stats::Snapshot>) {
-        if self
-            .fullest
-            .as_ref()
-            .is_some_and(|f| f.at.elapsed() > FULLEST_KEEP)
-        {
-            self.fullest = None;
-        }
+    /// Looks at the latest picture, for the fullest of the last seconds.
+    fn sample(&mut self, snap: &crate::stats::Snapshot) {
         let max = self.kernel.view().stats.max;
-        let entries = snap.high_water.max(snap.live);
-        if max == 0 || entries.saturating_mul(1000) < max.saturating_mul(FULLEST_FROM) {
-            return;
-        }
-        let now = Instant::now();
-        match &mut self.fullest {
-            Some(f) => {
-                if entries > f.entries {
-                    f.entries = entries;
-                    f.at = now;
-                }
-                if snap.live > f.snap.live {
-                    f.snap = snap.clone();
-                    f.at = now;
-                }
-            }
-            None => {
-                self.fullest = Some(Held {
-                    snap: snap.clone(),
-                    entries,
-                    at: now,
-                })
-            }
-        }
+        self.fullest.sample(snap, max, Instant::now());
     }
 
     fn ctx<'a>(
         kernel: &Kernel,
         earlier: Option<&'a crate::stats::Snapshot>,
         snap: &'a crate::stats::Snapshot,
-        fullest: Option<&'a Held>,
+        fullest: Option<crate::incidents::Fullest<'a>>,
     ) -> Ctx<'a> {
         let k = kernel.view();
         let now = unix_now();
@@ -347,10 +355,7 @@ impl Monitor {
             counters: k.stats.counters,
             now,
             window_secs: now.saturating_sub(snap.bucket_start).max(1) as f64,
-            fullest: fullest.map(|f| crate::incidents::Fullest {
-                snap: &f.snap,
-                entries: f.entries,
-            }),
+            fullest,
         }
     }
 
@@ -415,7 +420,7 @@ impl Monitor {
                         &self.kernel,
                         self.earlier.as_ref().or(self.next.as_ref()),
                         &snap,
-                        self.fullest.as_ref(),
+                        self.fullest.view(),
                     );
                     self.engine.on_kmsg(ev, &ctx);
                 }
@@ -439,7 +444,7 @@ impl Monitor {
                             &self.kernel,
                             self.earlier.as_ref().or(self.next.as_ref()),
                             &snap,
-                            self.fullest.as_ref(),
+                            self.fullest.view(),
                         );
                         self.engine.on_stats(&ctx);
                         self.remember(&snap);
@@ -453,5 +458,46 @@ impl Monitor {
             self.publish_incidents();
         }
         self.engine.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Snapshot;
+
+    fn snap(live: u64, high_water: u64, taken: Instant) -> Snapshot {
+        Snapshot {
+            live,
+            high_water,
+            taken,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn the_fullest_picture_is_kept_near_the_limit_for_a_few_seconds() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut f = FullestSeen::default();
+        f.sample(&snap(80, 89, at(0)), 100, at(0));
+        assert!(f.view().is_none(), "below 90 % of the limit: nothing held");
+        f.sample(&snap(100, 100, at(100)), 100, at(100));
+        // Emptied again: the fuller picture stays, and so does the count.
+        f.sample(&snap(60, 100, at(200)), 100, at(200));
+        let v = f.view().unwrap();
+        assert_eq!((v.snap.unwrap().live, v.entries), (100, 100));
+        // The picture goes 3 s after it was taken; the count 3 s after a picture showed it.
+        f.sample(&snap(60, 60, at(3150)), 100, at(3150));
+        let v = f.view().unwrap();
+        assert!(v.snap.is_none());
+        assert_eq!(v.entries, 100);
+        f.sample(&snap(60, 60, at(3300)), 100, at(3300));
+        assert!(f.view().is_none());
+        // A fuller picture replaces a less full one.
+        f.sample(&snap(92, 92, at(4000)), 100, at(4000));
+        f.sample(&snap(95, 95, at(4100)), 100, at(4100));
+        f.sample(&snap(93, 95, at(4200)), 100, at(4200));
+        assert_eq!(f.view().unwrap().snap.unwrap().live, 95);
     }
 }

@@ -137,15 +137,41 @@ struct Publisher {
     spare: Option<Arc<Snapshot>>,
     seq: u64,
     last: Instant,
-    /// The most entries tracked at once in the previous second and in this one (since
-    /// `high_since`): a picture shows the last one to two seconds' high-water mark, so a
-    /// watcher that samples less often than pictures are published misses no peak.
-    high: [u64; 2],
-    high_since: Instant,
+    high: HighWater,
 }
 
-/// How long each of the publisher's two high-water slots covers.
+/// How long each of the two high-water slots covers.
 const HIGH_WATER_SLOT: Duration = Duration::from_secs(1);
+
+/// The most entries tracked at once in the previous slot and in this one: each picture
+/// shows the high-water mark of the last one to two seconds, so a watcher that samples less
+/// often than pictures are published (every `PUBLISH_EVERY` while the reader runs) misses no
+/// peak. A stalled reader publishes nothing, and its slots stretch with it.
+struct HighWater {
+    slots: [u64; 2],
+    since: Instant,
+}
+
+impl HighWater {
+    fn new(now: Instant) -> Self {
+        HighWater {
+            slots: [0; 2],
+            since: now,
+        }
+    }
+
+    /// Adds the mark since the last picture (`mark`, at least `live`); returns the mark of
+    /// the last one to two slots.
+    fn update(&mut self, mark: u64, live: u64, now: Instant) -> u64 {
+        self.slots[1] = self.slots[1].max(mark);
+        let shown = self.slots[0].max(self.slots[1]);
+        if now.duration_since(self.since) >= HIGH_WATER_SLOT {
+            self.slots = [self.slots[1], live];
+            self.since = now;
+        }
+        shown
+    }
+}
 
 impl Publisher {
     fn publish(&mut self, tracker: &mut Tracker, meta: &Snapshot) {
@@ -172,12 +198,9 @@ impl Publisher {
         next.bucket_start = meta.bucket_start;
         next.bucket_kernel0 = meta.bucket_kernel0;
         tracker.publish_into(&mut next);
-        self.high[1] = self.high[1].max(tracker.take_high_water());
-        next.high_water = self.high[0].max(self.high[1]);
-        if self.high_since.elapsed() >= HIGH_WATER_SLOT {
-            self.high = [self.high[1], next.live];
-            self.high_since = Instant::now();
-        }
+        next.high_water = self
+            .high
+            .update(tracker.take_high_water(), next.live, Instant::now());
         let old = self.out.swap(Arc::new(next));
         self.spare = Some(old);
         self.last = Instant::now();
@@ -307,8 +330,7 @@ impl Reader {
                 spare: None,
                 seq: 0,
                 last: Instant::now(),
-                high: [0; 2],
-                high_since: Instant::now(),
+                high: HighWater::new(Instant::now()),
             },
             last_drops_check: Instant::now(),
             kernel,
@@ -647,5 +669,30 @@ impl Reader {
         self.close_bucket(unix_now());
         self.publish();
         info!("reader stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peak_shows_in_pictures_for_one_to_two_seconds_then_goes() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut h = HighWater::new(t0);
+        assert_eq!(
+            h.update(50, 10, at(100)),
+            50,
+            "the peak since the last picture"
+        );
+        assert_eq!(h.update(10, 10, at(900)), 50);
+        // The slot turns: the peak moves to the previous one, still shown.
+        assert_eq!(h.update(10, 10, at(1000)), 50);
+        assert_eq!(h.update(10, 10, at(1900)), 50);
+        assert_eq!(h.update(10, 10, at(2000)), 50);
+        assert_eq!(h.update(10, 10, at(2100)), 10, "gone two slots after");
+        // A picture always shows at least what it holds.
+        assert_eq!(h.update(12, 12, at(2200)), 12);
     }
 }

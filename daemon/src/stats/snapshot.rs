@@ -353,6 +353,28 @@ impl<K: Copy + Ord + Hash> DimSnap<K> {
 }
 
 impl Snapshot {
+    /// A copy with what an incident's picture reads (services, clients and backends, whole),
+    /// to be held for a few seconds: holding the published snapshot itself would keep the
+    /// reader from reusing its buffers, and would hold the flows and the DNS picture too.
+    pub fn incident_basis(&self) -> Snapshot {
+        Snapshot {
+            seq: self.seq,
+            taken: self.taken,
+            caught_up: self.caught_up,
+            behind: self.behind,
+            unix: self.unix,
+            live: self.live,
+            orphans: self.orphans,
+            high_water: self.high_water,
+            bucket_start: self.bucket_start,
+            bucket_kernel0: self.bucket_kernel0,
+            services: self.services.clone(),
+            clients: self.clients.clone(),
+            backends: self.backends.clone(),
+            ..Snapshot::default()
+        }
+    }
+
     /// A copy with only what creation rates of services, clients and backends need (their
     /// rows), to be kept for a few seconds at little cost.
     pub fn rate_basis(&self) -> Snapshot {
