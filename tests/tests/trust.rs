@@ -318,10 +318,18 @@ def conn():
     s.settimeout(10)
     return s
 def call(s, method):
-    s.sendall(json.dumps({"method": method}).encode() + b"\0")
+    try:
+        s.sendall(json.dumps({"method": method}).encode() + b"\0")
+    except (BrokenPipeError, ConnectionResetError):
+        # Refused: the daemon answered and closed before the request went out. Its answer
+        # is still there to read.
+        pass
     buf = b""
     while not buf.endswith(b"\0"):
-        chunk = s.recv(65536)
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return None
         if not chunk:
             return None
         buf += chunk
